@@ -1,0 +1,40 @@
+# wormhole — `make demo` shows it, `make test` checks it. Both set themselves up.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: all deps install test unit functional demo bench clean
+
+all: install
+
+deps:
+	./scripts/install-deps test
+
+$(STAMP): pyproject.toml
+	@python=$$(./scripts/find-python) && \
+	  { [ -x $(PY) ] || $$python -m venv $(VENV); }
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+unit: install
+	$(PY) -m pytest -q unit_tests
+
+functional: deps install
+	$(PY) -m pytest -q functional_tests
+
+test: deps install
+	$(PY) -m pytest -q unit_tests
+	$(PY) -m pytest -q functional_tests
+
+demo: deps install
+	./examples/demo.sh
+
+bench: install
+	./scripts/install-deps bench
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
