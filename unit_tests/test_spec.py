@@ -1,0 +1,232 @@
+"""The create grammar (DESIGN §4): every word, every default, every error."""
+
+import pytest
+
+from wormhole.spec import HOST, Context, Place, SpecError, Url, parse, plan
+
+
+def P(text, ctx=Context()):
+    return plan(parse(text.split()), ctx)
+
+
+def chain(text):
+    return list(P(text).chain())
+
+
+# --- url ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expect", [
+    (":3306", Url(None, None, None, 3306)),
+    ("tcp://:80", Url("tcp", None, None, 80)),
+    ("udp://", Url("udp", None, None, None)),
+    ("udp://ns1@10.0.0.1:53", Url("udp", "ns1", "10.0.0.1", 53)),
+    ("ns1@", Url(None, "ns1", None, None)),
+    ("1.2.3.4", Url(None, None, "1.2.3.4", None)),
+    ("[::1]:8080", Url(None, None, "::1", 8080)),
+    ("[2001:db8::2]", Url(None, None, "2001:db8::2", None)),
+    ("db.example.com:5432", Url(None, None, "db.example.com", 5432)),
+    ("", Url()),
+])
+def test_url_parse(text, expect):
+    assert Url.parse(text) == expect
+
+
+@pytest.mark.parametrize("text,msg", [
+    (":0", "ports are 1-65535"), (":65536", "ports are 1-65535"), (":http", "bad port"),
+    (":-1", "bad port"), ("sctp://:1", "use tcp or udp"), ("[::1", "missing ']'"),
+    ("::1:80", r"write IPv6 addresses as \[addr\]:port"), ("[1.2.3.4]:80", "bad IPv6"),
+    ("a/b@:80", "namespace name"), ("..@:80", "namespace name"), ("bad_host!:80", "bad host"),
+    ("[::1]x", "bad address"), ("999.1.1.1:80", "bad host"),
+])
+def test_url_errors(text, msg):
+    with pytest.raises(SpecError, match=msg):
+        Url.parse(text)
+
+
+def test_url_round_trips_through_str():
+    for text in ("udp://ns1@10.0.0.1:53", "tcp://[::1]:80", ":3306", "ns@"):
+        assert Url.parse(str(Url.parse(text))) == Url.parse(text)
+
+
+# --- defaults ----------------------------------------------------------------
+
+def test_head_defaults_tcp_loopback_given_port():
+    p = P("url :3306 tail url :3307")
+    assert (p.head.proto, p.head.host, p.head.port, p.head.place) == ("tcp", "127.0.0.1", 3306, HOST)
+
+
+def test_head_port_ephemeral_when_not_given():
+    assert P("tail url :80").head.port is None
+
+
+def test_tail_defaults_follow_head_proto_loopback_service_port():
+    p = P("url udp://ns1@:53")
+    assert (p.tail.proto, p.tail.host, p.tail.port, p.tail.place) == ("udp", "127.0.0.1", 53, HOST)
+    assert p.head.place == Place("netns", "ns1")
+
+
+def test_tail_url_overrides_only_what_it_gives():
+    p = P("url :80 tail url 10.1.1.1")
+    assert (p.tail.host, p.tail.port) == ("10.1.1.1", 80)
+    p = P("url :80 tail url 10.1.1.1 url :81")
+    assert (p.tail.host, p.tail.port) == ("10.1.1.1", 81)
+
+
+def test_tail_with_no_port_is_refused():
+    with pytest.raises(SpecError, match="tail with no port"):
+        P("url 127.0.0.1")
+    with pytest.raises(SpecError, match="tail with no port"):
+        P("tail")
+
+
+def test_proxy_to_itself_is_refused():
+    for text in ("url :80", "url :80 tail url 127.0.0.1:80", "url 0.0.0.0:80",
+                 "url ns1@:80 tail url ns1@:80", "url :80 docker-ns a tail docker-ns a"):
+        with pytest.raises(SpecError, match="proxies to itself"):
+            P(text)
+
+
+def test_not_itself_when_namespace_host_port_or_proto_differ():
+    P("url ns1@:80")
+    P("url :80 tail url ns1@")
+    P("url :80 tail url 10.0.0.1")
+    P("url :80 tail url :81")
+    P("url :80 docker-run img tail docker-run img")  # two containers
+
+
+def test_mixed_protocols_are_refused():
+    with pytest.raises(SpecError, match="speaks udp but its tail speaks tcp"):
+        P("url udp://:53 tail url tcp://:54")
+
+
+# --- words -------------------------------------------------------------------
+
+def test_id_names_the_wormhole_and_twice_is_an_error():
+    assert P("id web url :80 tail url :81").id == "web"
+    with pytest.raises(SpecError, match="'id' given twice"):
+        P("id a id b url :80 tail url :81")
+    with pytest.raises(SpecError, match="bad id"):
+        P("id a/b url :80 tail url :81")
+
+
+def test_docker_ns_and_docker_run_set_the_place_of_the_current_side():
+    p = P("url :3306 docker-ns app tail docker-ns mysql")
+    assert p.head.place == Place("docker-ns", "app") and p.tail.place == Place("docker-ns", "mysql")
+    p = plan(parse(["url", ":80", "tail", "docker-run", "-e A=1 img cmd"]))
+    assert p.tail.place == Place("docker-run", "-e A=1 img cmd")
+    with pytest.raises(SpecError, match="docker run"):
+        plan(parse(["url", ":80", "tail", "docker-run", "  "]))
+
+
+def test_trigger_switches_to_tail_and_defers():
+    p = P("url :80 trigger url :8080")
+    assert p.trigger and p.tail.port == 8080 and p.head.port == 80
+    assert not P("url :80 tail url :8080").trigger
+    with pytest.raises(SpecError, match="'trigger' given twice"):
+        P("url :80 trigger trigger")
+
+
+def test_unknown_word_and_missing_argument():
+    with pytest.raises(SpecError, match="unknown word 'frob'"):
+        P("url :80 frob")
+    for word in ("url", "id", "docker-ns", "docker-run", "remote", "tunnel", "udptunnel"):
+        with pytest.raises(SpecError, match=f"'{word}' needs an argument"):
+            P(f"url :80 tail url :81 {word}")
+
+
+def test_nothing_to_create():
+    with pytest.raises(SpecError, match="nothing to create"):
+        parse([])
+
+
+# --- children ------------------------------------------------------------------
+
+def test_child_head_copies_tail_and_service_port_follows():
+    a, b = chain("url :80 trigger docker-run wp child url :3306 trigger docker-run mysql")
+    assert a.trigger and a.tail.place == Place("docker-run", "wp") and a.tail.port == 80
+    assert not a.linked and a.link.kind == "child"
+    assert b.head.place == Place("docker-run", "wp") and b.head.port == 3306 and b.head.host == "127.0.0.1"
+    assert b.tail.place == Place("docker-run", "mysql") and b.tail.port == 3306
+
+
+def test_child_without_url_listens_where_the_parent_tail_points():
+    a, b = chain("url ns1@:80 tail url ns2@ child tail url :81")
+    assert b.head.place == Place("netns", "ns2") and b.head.port == 80 and b.tail.port == 81
+
+
+def test_child_tail_uses_parent_service_port_when_its_head_has_none():
+    a, b = chain("url :80 tail url ns1@:8080 child tail url ns2@")
+    assert b.head.port == 8080 and b.service_port == 8080 and b.tail.port == 8080
+    assert b.tail.place == Place("netns", "ns2")
+
+
+def test_chain_links_the_tail_to_the_child_head():
+    a, b = chain("url ns1@:80 chain tail url :8080")
+    assert a.linked and a.tail == b.head
+    assert b.head.place == HOST and b.head.port == 80 and b.tail.port == 8080
+
+
+def test_chain_child_can_move_its_head_and_the_parent_follows():
+    a, b = chain("url :80 tail url ns1@ chain url :90 tail url ns2@")
+    assert a.tail == b.head and b.head.place == Place("netns", "ns1") and b.head.port == 90
+    assert b.tail.port == 90 and b.tail.place == Place("netns", "ns2")
+
+
+def test_chain_to_the_same_address_is_itself():
+    with pytest.raises(SpecError, match="proxies to itself"):
+        P("url ns1@:80 chain")
+
+
+def test_flags_reset_after_a_chain_word():
+    a, b = chain("url :80 trigger url ns1@ child url :81 tail url ns2@")
+    assert a.trigger and not b.trigger
+    a, b = chain("url :80 tail url ns1@ child url :81")  # modifiers apply to the child's head again
+    assert b.head.port == 81 and b.tail.place == HOST and b.tail.port == 81 and b.head.place == Place("netns", "ns1")
+
+
+def test_trigger_defers_the_chain_word_that_follows():
+    a, b = chain("url :80 trigger url ns1@ child url :81 tail url ns2@")
+    assert a.trigger  # the child is built on a's first connection
+    assert not P("url :80 tail url ns1@ child url :81 tail url ns2@").trigger
+
+
+def test_remote_child_words_and_tail():
+    p = P("url :3306 remote myserver tail docker-ns mysql")
+    assert p.linked and p.link.kind == "remote" and p.link.host == "myserver"
+    assert p.link.words == ("tail", "docker-ns", "mysql")
+    assert p.tail.port is None and p.tail.host is None and p.child is None
+    remote = plan(p.link.spec, Context(service_port=p.service_port, head_host=None))
+    assert remote.head.host is None and remote.head.port is None
+    assert remote.tail.port == 3306 and remote.tail.place == Place("docker-ns", "mysql")
+
+
+@pytest.mark.parametrize("text", [
+    "url :3306 tunnel myserver trigger docker-ns m",
+    "url :3306 trigger tunnel myserver trigger docker-run wormhole/mysql",
+    "url :3306 udptunnel [2001:db8::2]:9999",
+])
+def test_tunnels_parse(text):
+    p = P(text)
+    assert p.link.remote and p.linked
+
+
+def test_remote_refuses_tail_settings_before_it_and_bad_hosts():
+    with pytest.raises(SpecError, match="give tail settings after 'remote h'"):
+        P("url :80 tail url :81 remote h")
+    with pytest.raises(SpecError, match="bad"):
+        P("url :80 remote h@x")
+    with pytest.raises(SpecError, match="speaks tcp but the child on h speaks udp"):
+        P("url :80 remote h url udp://")
+
+
+def test_readme_examples_parse():
+    for text in (
+        "url :3306 tail docker-ns $mysql",
+        "url :3306 docker-ns $app tail docker-ns $mysql",
+        "url :80 trigger docker-run wormhole/wordpress child url :3306 trigger docker-run wormhole/mysql",
+        "url :3306 remote myserver tail docker-ns $mysql",
+        "url :3306 tunnel myserver trigger docker-ns $mysql",
+        "url :3306 trigger tunnel myserver trigger docker-run wormhole/mysql",
+        "url :80 trigger docker-run wormhole/wordpress child url :3306 tunnel myserver trigger docker-run wormhole/mysql",
+    ):
+        P(text.replace("$", "c-"))

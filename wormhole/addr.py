@@ -1,0 +1,44 @@
+"""Control-channel addresses: `tcp://host:port`, `host:port`, `:port`, `host`, `unix:///path`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import SpecError, split_host_port
+
+DEFAULT_PORT = 9999
+
+
+class AddressError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # "tcp" or "unix"
+    host: str | None = None  # tcp: None = all addresses (daemon)
+    port: int = DEFAULT_PORT
+    path: str | None = None  # unix
+
+    @classmethod
+    def parse(cls, text: str, default_host: str | None = None) -> Address:
+        if text.startswith("unix://"):
+            path = text[len("unix://"):]
+            if not path.startswith("/"):
+                raise AddressError(f"bad address {text!r}: write unix:///absolute/path")
+            return cls("unix", path=path)
+        rest = text[len("tcp://"):] if text.startswith("tcp://") else text
+        if "://" in rest:
+            raise AddressError(f"bad address {text!r}: use tcp:// or unix://")
+        try:
+            host, port = split_host_port(rest, f"address {text!r}")
+        except SpecError as e:
+            raise AddressError(str(e)) from None
+        return cls("tcp", host if host is not None else default_host,
+                   port if port is not None else DEFAULT_PORT)
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix://{self.path}"
+        host = self.host or ""
+        return f"tcp://{f'[{host}]' if ':' in host else host}:{self.port}"

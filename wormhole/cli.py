@@ -1,0 +1,176 @@
+"""wormhole: the command line. The only place that prints or exits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import click
+
+from .addr import Address, AddressError
+from .client import connect
+from .keys import DEFAULT_KEYFILE, KeyFileError, keygen, load_key
+from .protocol import RpcError
+from .spec import SpecError, parse, plan
+
+CREATE_HELP = """Create a wormhole from chained WORDS; prints "ID URL" (URL: where its head listens).
+
+\b
+Words are read left to right; modifiers apply to the head until 'tail' or
+'trigger' switches them to the tail:
+  url URL            [tcp|udp://][NS@][HOST][:PORT]  (NS: a named netns)
+  id ID              name the wormhole (default: a random UUID)
+  docker-ns ID       live in that container's network namespace
+  docker-run "ARGS"  'docker run -d ARGS' and live in its namespace
+  tail               following modifiers apply to the tail
+  trigger            like tail; what follows runs on the first connection
+  child              a child wormhole whose head starts as a copy of this tail
+  chain              like child, and this tail connects to the child's head
+  remote HOST        the following words build a child on HOST's daemon
+  tunnel HOST        as remote, over an encrypted tunnel to HOST
+  udptunnel HOST     as tunnel, UDP-encapsulated
+
+\b
+Defaults: head tcp://127.0.0.1 on the given or an ephemeral port; the tail
+dials 127.0.0.1 in the daemon's namespace on the head's port.
+
+\b
+Examples:
+  wormhole create url :8080 tail url :80
+  wormhole create url :53 tail url udp://dns@:53
+  wormhole create url :3306 tail docker-ns mysql
+  wormhole create url :80 trigger docker-run "wormhole/wordpress"
+"""
+
+
+class Ctx:
+    def __init__(self, addr: Address, keyfile: str):
+        self.addr, self.keyfile = addr, keyfile
+
+    def call(self, method: str, params: dict | None = None):
+        key = load_key(self.keyfile)
+
+        async def go():
+            async with connect(self.addr, key) as client:
+                return await client.call(method, params)
+
+        return asyncio.run(go())
+
+
+def _addr(ctx, param, value):
+    try:
+        return Address.parse(value, default_host="127.0.0.1")
+    except AddressError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-H", "--host", "addr", default="127.0.0.1:9999", callback=_addr, metavar="ADDR",
+              envvar="WORMHOLE_HOST", show_default=True,
+              help="The daemon: tcp://host:port, host:port, :port, host, unix:///path.")
+@click.option("-K", "--key-file", default=DEFAULT_KEYFILE, metavar="KEYFILE", envvar="WORMHOLE_KEY_FILE",
+              show_default=True, help="Pre-shared key (the daemon's key.secret).")
+@click.pass_context
+def cli(ctx, addr, key_file):
+    """wormhole: wire services together across network namespaces, containers and hosts.
+
+    Talks to a wormholed daemon over TLS authenticated by a pre-shared key.
+    """
+    ctx.obj = Ctx(addr, key_file)
+
+
+@cli.command()
+@click.argument("host", required=False)
+@click.pass_obj
+def ping(obj: Ctx, host):
+    """Round trip to the daemon (or through it to HOST's daemon), in milliseconds."""
+    if host is None:
+        start = time.perf_counter()
+        obj.call("ping")
+        ms = (time.perf_counter() - start) * 1000
+    else:
+        ms = obj.call("ping", {"host": host})["ms"]
+    click.echo(f"{ms:.3f}")
+
+
+@cli.command(help=CREATE_HELP, context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def create(obj: Ctx, words):
+    try:
+        plan(parse(words))
+    except SpecError as e:
+        raise click.UsageError(str(e)) from None
+    res = obj.call("create", {"words": list(words)})
+    click.echo(f"{res['id']} {res['url']}")
+
+
+@cli.command()
+@click.argument("id")
+@click.pass_obj
+def delete(obj: Ctx, id):
+    """Delete wormhole ID with its children, containers and connections."""
+    obj.call("delete", {"id": id})
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def list_(obj: Ctx, as_json):
+    """Wormholes: id, head, tail, state (armed/active), connections, bytes."""
+    rows = obj.call("list")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    table = [("ID", "HEAD", "TAIL", "STATE", "CONNS", "BYTES IN/OUT")]
+    for r in rows:
+        table.append((r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}",
+                      f"{r['bytes_in']}/{r['bytes_out']}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command("keygen")
+def keygen_():
+    """Print a new random key for /etc/wormhole/key.secret (chmod 600 it)."""
+    click.echo(keygen())
+
+
+@cli.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_(ctx, command):
+    """Show help for COMMAND (or for wormhole)."""
+    group = ctx.parent.command
+    if command is None:
+        click.echo(group.get_help(ctx.parent))
+        return
+    cmd = group.get_command(ctx, command)
+    if cmd is None:
+        raise click.UsageError(f"no command {command!r}; commands: {', '.join(group.list_commands(ctx))}")
+    with click.Context(cmd, info_name=command, parent=ctx.parent) as sub:
+        click.echo(cmd.get_help(sub))
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="wormhole", standalone_mode=False)
+    except click.UsageError as e:
+        hint = f" (see 'wormhole help {e.ctx.info_name}')" if e.ctx and e.ctx.parent else " (see 'wormhole help')"
+        click.echo(f"wormhole: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except (RpcError, KeyFileError) as e:
+        click.echo(f"wormhole: error: {e}", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        click.echo(f"wormhole: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as e:  # never a traceback for the user
+        click.echo(f"wormhole: error: {e.__class__.__name__}: {e}", err=True)
+        sys.exit(1)
+    sys.exit(0)

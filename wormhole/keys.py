@@ -1,0 +1,69 @@
+"""The pre-shared key (DESIGN §3) and the TLS 1.3 external-PSK contexts built on it (§5)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import ssl
+import stat
+import string
+
+DEFAULT_KEYFILE = "/etc/wormhole/key.secret"
+_ALPHABET = string.ascii_letters + string.digits
+
+
+class KeyFileError(Exception):
+    pass
+
+
+def load_key(path: str = DEFAULT_KEYFILE) -> bytes:
+    """The key's bytes; refuses a missing, empty, or group/other-readable file (like ssh)."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise KeyFileError(f"key file {path} is not a regular file")
+            if mode & 0o077:
+                raise KeyFileError(f"key file {path} is accessible by group or others "
+                                   f"(mode {stat.S_IMODE(mode):04o}): run 'chmod 600 {path}'")
+            key = f.read().rstrip()
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} not found: create it with "
+                           f"'wormhole keygen > {path} && chmod 600 {path}'") from None
+    except PermissionError:
+        raise KeyFileError(f"key file {path} cannot be read: permission denied") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"key file {path} is a directory") from None
+    if not key:
+        raise KeyFileError(f"key file {path} is empty")
+    return key
+
+
+def keygen(length: int = 40) -> str:
+    """A random key for key.secret: ~238 bits in letters and digits."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def _tls13(protocol: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def server_context(key: bytes) -> ssl.SSLContext:
+    """No certificate: a client that does not prove the key fails the handshake."""
+    ctx = _tls13(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_psk_server_callback(lambda identity: key)
+    return ctx
+
+
+def client_context(key: bytes, identity: str | None = None) -> ssl.SSLContext:
+    """Only a PSK handshake can succeed: any certificate a server presents fails
+    verification, as the context trusts no CA at all."""
+    ctx = _tls13(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    name = identity or socket.gethostname()
+    ctx.set_psk_client_callback(lambda hint: (name, key))
+    return ctx

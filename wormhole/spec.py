@@ -1,0 +1,336 @@
+"""The `create` grammar: words -> a frozen SegmentSpec chain -> a resolved Plan.
+
+Pure: no sockets, no namespaces, no daemon. `parse` reads the words left to
+right (DESIGN §4); `plan` applies the defaults (proto, host, service port,
+inherited namespaces) and the rules that make a spec unbuildable (a tail with
+no port, a wormhole that proxies to itself). The daemon builds what the Plan
+says; a remote daemon re-plans the words of its part with the context the
+caller gives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass
+
+PROTOS = ("tcp", "udp")
+CHAIN_WORDS = ("child", "chain", "remote", "tunnel", "udptunnel")
+REMOTE_WORDS = ("remote", "tunnel", "udptunnel")
+# word -> number of arguments it takes
+ARITY = {
+    "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "tail": 0, "trigger": 0,
+    "child": 0, "chain": 0, "remote": 1, "tunnel": 1, "udptunnel": 1,
+}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+WILDCARDS = ("0.0.0.0", "::")
+
+
+class SpecError(ValueError):
+    """The words asked for something wrong; the message is fit for the user."""
+
+
+# --- values the user wrote -------------------------------------------------
+
+
+def parse_port(text: str, what: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SpecError(f"bad port {text!r} in {what}: ports are 1-65535")
+    return int(text)
+
+
+def parse_host(text: str, what: str) -> str:
+    """A host as the user wrote it: IPv4, bracket-less IPv6, or a DNS name."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(text) and not text.replace(".", "").isdigit():
+        return text
+    raise SpecError(f"bad host {text!r} in {what}")
+
+
+def split_host_port(text: str, what: str) -> tuple[str | None, int | None]:
+    """'host', 'host:port', ':port', '[v6]', '[v6]:port', '' -> (host, port)."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise SpecError(f"bad address {text!r} in {what}: missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise SpecError(f"bad IPv6 address {text[: end + 1]!r} in {what}") from None
+        if rest and not rest.startswith(":"):
+            raise SpecError(f"bad address {text!r} in {what}")
+        return host, parse_port(rest[1:], what) if rest else None
+    if text.count(":") > 1:
+        raise SpecError(f"bad address {text!r} in {what}: write IPv6 addresses as [addr]:port")
+    host, sep, port = text.partition(":")
+    return (parse_host(host, what) if host else None), (parse_port(port, what) if sep else None)
+
+
+def check_name(text: str, what: str) -> str:
+    if not _NAME.fullmatch(text) or text in (".", ".."):
+        raise SpecError(f"bad {what} {text!r}: use letters, digits and _.:- (at most 128)")
+    return text
+
+
+@dataclass(frozen=True)
+class Url:
+    """`[tcp|udp://][NS@][HOST][:PORT]`; a field left out is None (not given)."""
+
+    proto: str | None = None
+    netns: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Url:
+        what = f"url {text!r}"
+        proto = None
+        if "://" in text:
+            proto, _, text = text.partition("://")
+            if proto not in PROTOS:
+                raise SpecError(f"bad protocol {proto!r} in {what}: use tcp or udp")
+        netns = None
+        if "@" in text:
+            netns, _, text = text.partition("@")
+            check_name(netns, "namespace name")
+        host, port = split_host_port(text, what)
+        return cls(proto, netns, host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.host and ":" in self.host else (self.host or "")
+        return "".join((
+            f"{self.proto}://" if self.proto else "",
+            f"{self.netns}@" if self.netns else "",
+            host,
+            f":{self.port}" if self.port is not None else "",
+        ))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Which network namespace an end lives in."""
+
+    kind: str  # "host" (the daemon's own), "netns", "docker-ns", "docker-run"
+    arg: str = ""
+
+    def __str__(self) -> str:
+        return {"host": "host", "netns": f"netns:{self.arg}", "docker-ns": f"container:{self.arg}",
+                "docker-run": f"docker-run:{self.arg}"}[self.kind]
+
+
+HOST = Place("host")
+
+
+@dataclass(frozen=True)
+class EndSpec:
+    """What the words said about one end; None = not given."""
+
+    proto: str | None = None
+    host: str | None = None
+    port: int | None = None
+    place: Place | None = None
+
+    def with_url(self, url: Url) -> EndSpec:
+        return dataclasses.replace(
+            self,
+            proto=url.proto or self.proto,
+            host=url.host if url.host is not None else self.host,
+            port=url.port if url.port is not None else self.port,
+            place=Place("netns", url.netns) if url.netns else self.place,
+        )
+
+    @property
+    def given(self) -> bool:
+        return self != EndSpec()
+
+
+@dataclass(frozen=True)
+class Link:
+    """How a wormhole's child hangs off it (the word that made it)."""
+
+    kind: str  # one of CHAIN_WORDS
+    host: str | None  # remote/tunnel/udptunnel: the peer daemon's address
+    words: tuple[str, ...]  # the child's own words (what a remote daemon is sent)
+    spec: SegmentSpec
+
+    @property
+    def linked(self) -> bool:
+        """The parent's tail connects to this child's head."""
+        return self.kind != "child"
+
+    @property
+    def remote(self) -> bool:
+        return self.kind in REMOTE_WORDS
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    id: str | None = None
+    head: EndSpec = EndSpec()
+    tail: EndSpec = EndSpec()
+    trigger: bool = False  # tail namespace and the child are made on the first connection
+    child: Link | None = None
+
+    def chain(self):
+        """This spec and its descendants, root first."""
+        spec: SegmentSpec | None = self
+        while spec is not None:
+            yield spec
+            spec = spec.child.spec if spec.child else None
+
+
+# --- parsing -----------------------------------------------------------------
+
+
+def parse(words: list[str] | tuple[str, ...]) -> SegmentSpec:
+    """Read create's words left to right into a SegmentSpec chain."""
+    words = tuple(words)
+    if not words:
+        raise SpecError("nothing to create: give words such as 'url :8080 tail url :80'")
+    return _parse_segment(words, 0)
+
+
+def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
+    fields: dict = {"id": None, "head": EndSpec(), "tail": EndSpec(), "trigger": False}
+    side = "head"
+    while i < len(words):
+        word = words[i]
+        if word not in ARITY:
+            raise SpecError(f"unknown word {word!r}; words are: {', '.join(ARITY)}")
+        if ARITY[word] and i + 1 >= len(words):
+            raise SpecError(f"{word!r} needs an argument")
+        arg = words[i + 1] if ARITY[word] else None
+        i += 1 + ARITY[word]
+        if word == "url":
+            fields[side] = fields[side].with_url(Url.parse(arg))
+        elif word == "id":
+            if fields["id"] is not None:
+                raise SpecError("'id' given twice for one wormhole")
+            fields["id"] = check_name(arg, "id")
+        elif word == "docker-ns":
+            fields[side] = dataclasses.replace(fields[side], place=Place("docker-ns", check_name(arg, "container")))
+        elif word == "docker-run":
+            if not arg.strip():
+                raise SpecError("'docker-run' needs the arguments of 'docker run' as one quoted word")
+            fields[side] = dataclasses.replace(fields[side], place=Place("docker-run", arg.strip()))
+        elif word == "tail":
+            side = "tail"
+        elif word == "trigger":
+            if fields["trigger"]:
+                raise SpecError("'trigger' given twice for one wormhole")
+            fields["trigger"], side = True, "tail"
+        else:
+            return SegmentSpec(child=_parse_link(word, arg, fields, words, i), **fields)
+    return SegmentSpec(**fields)
+
+
+def _parse_link(word: str, host: str | None, fields: dict, words: tuple[str, ...], i: int) -> Link:
+    if word in REMOTE_WORDS:
+        if fields["tail"].given:
+            raise SpecError(f"'{word}' makes the tail connect to the child on {host}: "
+                            f"give tail settings after '{word} {host}'")
+        split_host_port(host, f"{word} {host!r}")
+    # A child's head starts as a copy of this tail: `plan` fills what its words leave out.
+    return Link(word, host, words[i:], _parse_segment(words, i))
+
+
+# --- planning ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    proto: str
+    place: Place
+    host: str | None  # None: the address facing the caller (remote heads) / the remote child's head
+    port: int | None  # None: ephemeral (heads) / the remote child's head (tails)
+
+    def __str__(self) -> str:
+        host = self.host or "*"
+        host = f"[{host}]" if ":" in host else host
+        where = "" if self.place == HOST else f"{self.place}@"
+        return f"{self.proto}://{where}{host}:{self.port if self.port is not None else '*'}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a wormhole inherits from where it hangs: defaults for its head."""
+
+    service_port: int | None = None
+    head_proto: str = "tcp"
+    head_place: Place = HOST
+    head_host: str | None = "127.0.0.1"  # None: the address facing the caller
+    head_port: int | None = None  # None: ephemeral
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One wormhole, resolved: what the daemon builds."""
+
+    id: str | None
+    head: Endpoint
+    tail: Endpoint  # port None: the (remote) child's head, known once it is built
+    trigger: bool
+    service_port: int | None
+    child: Plan | None  # a local child (child/chain); remote ones are planned by their daemon
+    link: Link | None  # how the child hangs off this wormhole
+
+    @property
+    def linked(self) -> bool:
+        """The tail connects to the child's head."""
+        return self.link is not None and self.link.linked
+
+    def chain(self):
+        plan: Plan | None = self
+        while plan is not None:
+            yield plan
+            plan = plan.child
+
+
+def plan(spec: SegmentSpec, ctx: Context = Context()) -> Plan:
+    """Resolve the defaults of DESIGN §4 and check the rules; raises SpecError."""
+    head = Endpoint(
+        proto=spec.head.proto or ctx.head_proto,
+        place=spec.head.place or ctx.head_place,
+        host=spec.head.host if spec.head.host is not None else ctx.head_host,
+        port=spec.head.port if spec.head.port is not None else ctx.head_port,
+    )
+    service_port = head.port if head.port is not None else ctx.service_port
+    tail = Endpoint(
+        proto=spec.tail.proto or head.proto,
+        place=spec.tail.place or HOST,
+        host=spec.tail.host if spec.tail.host is not None else "127.0.0.1",
+        port=spec.tail.port if spec.tail.port is not None else service_port,
+    )
+    name = f"wormhole {spec.id!r}" if spec.id else "the wormhole"
+    link, child = spec.child, None
+    if link is not None and link.remote:
+        tail = dataclasses.replace(tail, host=None, port=None)
+    elif link is not None:
+        child = plan(link.spec, Context(service_port, tail.proto, tail.place, tail.host, tail.port))
+        if link.linked:
+            tail = child.head
+    if tail.port is None and not (link and link.linked):
+        raise SpecError(f"{name} has a tail with no port: give a head port ('url :PORT') "
+                        f"or a tail port ('tail url :PORT')")
+    if tail.proto != head.proto:
+        where = f"the child on {link.host}" if link and link.remote else "its tail"
+        raise SpecError(f"{name} speaks {head.proto} but {where} speaks {tail.proto}")
+    if link is not None and link.remote and link.spec.head.proto not in (None, head.proto):
+        raise SpecError(f"{name} speaks {head.proto} but the child on {link.host} speaks {link.spec.head.proto}")
+    if _same_address(head, tail):
+        raise SpecError(f"{name} proxies to itself ({head})")
+    return Plan(spec.id, head, tail, spec.trigger, service_port, child, link)
+
+
+def _same_address(head: Endpoint, tail: Endpoint) -> bool:
+    if head.port is None or tail.port is None or head.port != tail.port:
+        return False
+    if head.proto != tail.proto or head.place != tail.place or head.place.kind == "docker-run":
+        return False
+    return head.host == tail.host or head.host in WILDCARDS

@@ -1,0 +1,206 @@
+"""wormholed: flags, the uvloop event loop, signals, systemd activation and notification."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from dataclasses import dataclass, field
+
+import click
+import uvloop
+
+from wormhole.addr import Address, AddressError
+from wormhole.keys import DEFAULT_KEYFILE, KeyFileError, load_key
+
+from . import systemd
+from .api import ControlServer, methods
+from .state import StateDir
+from .wormholes import Wormholes
+
+log = logging.getLogger("wormholed")
+
+
+@dataclass(frozen=True)
+class Config:
+    addrs: tuple[Address, ...]
+    key: bytes
+    state_dir: str
+    internal_ip: str | None = None
+    external_ip: str | None = None
+    cidr: str = "100.65.0.0/14"
+    ports: tuple[int, int] = (4500, 4599)
+    tunnel_type: str = "wireguard"
+    inherited: list = field(default_factory=list)  # sockets from systemd
+
+
+class StartError(Exception):
+    pass
+
+
+def bind(addr: Address) -> socket.socket:
+    """A listening socket for the control channel."""
+    if addr.kind == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(addr.path).st_mode):
+                os.unlink(addr.path)  # stale socket from an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(addr.path)
+            os.chmod(addr.path, 0o600)
+        except OSError:
+            sock.close()
+            raise
+    elif addr.host is None:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("::", addr.port))
+        except OSError:
+            sock.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", addr.port))
+    else:
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr.host, addr.port))
+        except OSError:
+            sock.close()
+            raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(config: Config) -> None:
+    state = StateDir(config.state_dir)
+    state.ensure()
+    wormholes = Wormholes(state)
+    control = ControlServer(methods(wormholes), config.key)
+    socks = list(config.inherited)
+    made = []
+    try:
+        for addr in config.addrs:
+            try:
+                socks.append(bind(addr))
+            except OSError as e:
+                raise StartError(f"cannot listen on {addr}: {e.strerror or e}") from None
+            if addr.kind == "unix":
+                made.append(addr.path)
+        for sock in socks:
+            await control.serve(sock)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await wormholes.restore()
+        where = ", ".join(str(a) for a in config.addrs) or f"{len(config.inherited)} socket(s) from systemd"
+        log.info("listening on %s", where)
+        systemd.notify("READY=1")
+        await stop.wait()
+        log.info("stopping")
+        systemd.notify("STOPPING=1")
+    finally:
+        await control.aclose()
+        await wormholes.aclose()
+        for sock in socks:
+            sock.close()
+        for path in made:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _ip(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IP address") from None
+
+
+def _cidr(ctx, param, value):
+    try:
+        return str(ipaddress.ip_network(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a network like 100.65.0.0/14") from None
+
+
+def _ports(ctx, param, value):
+    lo, sep, hi = value.partition("-")
+    if sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 65536:
+        return int(lo), int(hi)
+    raise click.BadParameter(f"{value!r} is not a port range like 4500-4599")
+
+
+def _addrs(ctx, param, values):
+    try:
+        return tuple(Address.parse(v) for v in values)
+    except AddressError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-H", "--host", "addrs", multiple=True, callback=_addrs, metavar="ADDR",
+              help="Listen for commands on ADDR: tcp://host:port, host:port, :port, unix:///path. "
+                   "Repeatable. Default tcp://:9999 (all addresses), unless systemd passes sockets.")
+@click.option("-K", "--key-file", default=DEFAULT_KEYFILE, show_default=True, metavar="KEYFILE",
+              help="Pre-shared key; must not be readable by group or others.")
+@click.option("-I", "--internal-ip", callback=_ip, metavar="IP",
+              help="Internal IP for tunnels (default: source of the default route).")
+@click.option("-E", "--external-ip", callback=_ip, metavar="IP", help="IP peers reach (default: -I).")
+@click.option("-C", "--cidr", default="100.65.0.0/14", show_default=True, callback=_cidr,
+              help="Overlay network tunnels take their addresses from (same on all hosts).")
+@click.option("-P", "--ports", default="4500-4599", show_default=True, callback=_ports, metavar="LO-HI",
+              help="UDP ports for UDP-encapsulated tunnels.")
+@click.option("--tunnel-type", type=click.Choice(["wireguard", "ipsec"]), default="wireguard", show_default=True)
+@click.option("--state-dir", default="/var/lib/wormhole", show_default=True, metavar="DIR",
+              help="Where wormhole records are kept across restarts.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, state_dir, verbose):
+    """The wormhole daemon: runs the proxies `wormhole create` asks for.
+
+    Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
+    key in KEYFILE; `wormhole keygen` makes one.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="wormholed: %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        key = load_key(key_file)
+    except KeyFileError as e:
+        raise click.ClickException(str(e)) from None
+    inherited = systemd.listen_sockets()
+    if not addrs and not inherited:
+        addrs = (Address.parse(":9999"),)
+    config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
+                    tunnel_type, inherited)
+    try:
+        uvloop.run(run(config))
+    except StartError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": ")) from None
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="wormholed", standalone_mode=False)
+    except click.UsageError as e:
+        click.echo(f"wormholed: {e.format_message()} (see 'wormholed --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"wormholed: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,237 @@
+"""Wormholes (segments) and their lifecycle: build, trigger, children, teardown.
+
+A Segment is one proxy: a head listening in some namespace and a tail it
+dials. It builds what its Plan says; what is deferred by `trigger` (the tail's
+namespace and the child) is built once, on the first connection, while later
+connections wait for the same attempt. Every resource a segment makes is pushed
+on an exit stack, so a failed build or a delete leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+from wormhole.protocol import Failed, Refused
+from wormhole.spec import HOST, Endpoint, Place, Plan
+
+from .netns import Netns, NetnsError, make_socket
+from .proxy.tcp import Stats, TcpProxy, dial
+from .proxy.udp import UdpProxy, dial_udp
+
+log = logging.getLogger("wormholed")
+
+NOT_YET = {
+    "docker-ns": "'docker-ns' needs Docker support, which this wormholed does not have yet",
+    "docker-run": "'docker-run' needs Docker support, which this wormholed does not have yet",
+    "remote": "'remote' needs peer support, which this wormholed does not have yet",
+    "tunnel": "'tunnel' needs tunnel support, which this wormholed does not have yet",
+    "udptunnel": "'udptunnel' needs tunnel support, which this wormholed does not have yet",
+}
+
+
+def check_supported(plan: Plan) -> None:
+    """Refuse, before anything is built, words whose support has not landed."""
+    for p in plan.chain():
+        for place in (p.head.place, p.tail.place):
+            if place.kind in NOT_YET:
+                raise Refused(NOT_YET[place.kind])
+        if p.link is not None and p.link.kind in NOT_YET:
+            raise Refused(NOT_YET[p.link.kind])
+
+
+class Places:
+    """Turns a Place into an open Netns (None: the daemon's own namespace).
+
+    The seam where Docker containers plug in."""
+
+    async def open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
+        if place == HOST:
+            return None
+        if place.kind == "netns":
+            try:
+                ns = Netns.named(place.arg)
+            except NetnsError as e:
+                raise Refused(str(e)) from None
+            stack.callback(ns.close)
+            return ns
+        raise Refused(NOT_YET.get(place.kind, f"unknown place {place}"))
+
+
+def child_id(plan: Plan, parent_id: str) -> str:
+    return plan.id or f"{parent_id}.1"
+
+
+def chain_ids(plan: Plan, root_id: str) -> list[str]:
+    """The ids a wormhole and its (future) local children get."""
+    ids = [root_id]
+    for p in list(plan.chain())[1:]:
+        ids.append(child_id(p, ids[-1]))
+    return ids
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
+
+
+def format_url(proto: str, ns: Netns | None, host: str, port: int) -> str:
+    where = f"{ns.label}@" if ns is not None else ""
+    return f"{proto}://{where}{f'[{host}]' if ':' in host else host}:{port}"
+
+
+@dataclass
+class Target:
+    """Where a tail dials, once known."""
+
+    ns: Netns | None
+    host: str
+    port: int
+
+    def url(self, proto: str) -> str:
+        return format_url(proto, self.ns, self.host, self.port)
+
+
+class Segment:
+    def __init__(self, plan: Plan, ident: str, places: Places, *, parent: Segment | None = None,
+                 inherited: dict[Place, Netns | None] | None = None):
+        self.plan, self.id, self.parent = plan, ident, parent
+        self._places = places
+        self._inherited = inherited or {}
+        self._stack = contextlib.AsyncExitStack()  # head side: lives as long as the segment
+        self._armed_stack: contextlib.AsyncExitStack | None = None  # tail side + child
+        self._arming: asyncio.Future | None = None
+        self.head_url = ""
+        self.head_ns: Netns | None = None
+        self.head_port = 0
+        self.target: Target | None = None
+        self.child: Segment | None = None
+        self.stats = Stats()
+        self._proxy: TcpProxy | UdpProxy | None = None
+        self._closed = False
+
+    @property
+    def state(self) -> str:
+        return "active" if self.target is not None else "armed"
+
+    def chain(self):
+        seg: Segment | None = self
+        while seg is not None:
+            yield seg
+            seg = seg.child
+
+    async def _open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
+        if place in self._inherited:
+            return self._inherited[place]
+        return await self._places.open(place, stack)
+
+    async def start(self) -> None:
+        """Listen, and unless triggered build the tail side; on failure nothing is left."""
+        try:
+            head = self.plan.head
+            ns = await self._open(head.place, self._stack)
+            udp = head.proto == "udp"
+            try:
+                sock = await make_socket(ns, family_of(head.host), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+                                         bind=(head.host, head.port or 0), listen=None if udp else 1024)
+            except OSError as e:
+                raise Refused(f"cannot listen on {format_url(head.proto, ns, head.host, head.port or 0)}: "
+                              f"{e.strerror or e}") from None
+            self._stack.callback(sock.close)
+            host, port = sock.getsockname()[:2]
+            self.head_url = format_url(head.proto, ns, host, port)
+            self.head_ns, self.head_port = ns, port
+            if not self.plan.trigger:
+                await self._arm()
+            if udp:
+                self._proxy = UdpProxy(sock, self._connect_tail, stats=self.stats, log=log)
+            else:
+                self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log)
+            self._proxy.start()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _arm(self) -> None:
+        """Resolve the tail's namespace and build the child; all or nothing."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            tail = self.plan.tail
+            tail_ns = await self._open(tail.place, stack)
+            child = None
+            if self.plan.child is not None:
+                child = Segment(self.plan.child, child_id(self.plan.child, self.id), self._places, parent=self,
+                                inherited={tail.place: tail_ns})
+                await child.start()
+                stack.push_async_callback(child.aclose)
+            if self.plan.linked:
+                target = Target(child.head_ns, child.plan.head.host, child.head_port)
+            else:
+                target = Target(tail_ns, tail.host, tail.port)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._armed_stack, self.child, self.target = stack, child, target
+
+    async def _trigger(self) -> None:
+        """Run the trigger once; connections that arrive meanwhile wait for the same run."""
+        if self._arming is None:
+            log.info("wormhole %s: first connection, running its trigger", self.id)
+            self._arming = asyncio.ensure_future(self._arm())
+            self._arming.add_done_callback(self._armed)
+        await asyncio.shield(self._arming)
+
+    def _armed(self, fut: asyncio.Future) -> None:
+        self._arming = None  # a failed trigger is tried again by the next connection
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("wormhole %s: trigger failed: %s", self.id, fut.exception())
+
+    async def _target(self) -> Target:
+        if self._closed:
+            raise Failed(f"wormhole {self.id} is closed")
+        if self.target is None:
+            await self._trigger()
+        return self.target
+
+    async def _connect_tail(self) -> socket.socket:
+        t = await self._target()
+        return await dial(t.ns, t.host, t.port)
+
+    async def _open_flow(self) -> socket.socket:
+        t = await self._target()
+        return await dial_udp(t.ns, t.host, t.port)
+
+    def describe(self) -> dict:
+        tail = self.target.url(self.plan.tail.proto) if self.target else _pending(self.plan.tail)
+        return {
+            "id": self.id, "parent": self.parent.id if self.parent else None,
+            "head": self.head_url, "tail": tail, "state": self.state,
+            "connections": self.stats.connections, "total": self.stats.total,
+            "bytes_in": self.stats.bytes_in, "bytes_out": self.stats.bytes_out,
+        }
+
+    async def aclose(self) -> None:
+        """Stop listening, close connections, then tear down the child and namespaces."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._arming is not None:
+            self._arming.cancel()
+            with contextlib.suppress(BaseException):
+                await self._arming
+        if self._proxy is not None:
+            await self._proxy.aclose()
+        if self._armed_stack is not None:
+            await self._armed_stack.aclose()
+        await self._stack.aclose()
+
+
+def _pending(tail: Endpoint) -> str:
+    where = "" if tail.place == HOST else f"{tail.place}@"
+    return f"{tail.proto}://{where}{tail.host or '*'}:{tail.port or '*'} (on trigger)"
