@@ -131,7 +131,8 @@ def _ip(ctx, param, value):
 
 def _cidr(ctx, param, value):
     try:
-        return str(ipaddress.ip_network(value))
+        ipaddress.ip_network(value, strict=False)  # DESIGN's default, 100.65.0.0/14, has host bits set
+        return value
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a network like 100.65.0.0/14") from None
 
