@@ -1,0 +1,617 @@
+"""The TCP/UDP relays over real sockets: loopback, and two network namespaces.
+
+Each test runs its own uvloop event loop; an autouse fixture checks that the
+test left no fd open (sockets, pipes, epoll) once its loop is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import gc
+import os
+import socket
+import stat
+import time
+import warnings
+
+import pytest
+import uvloop
+
+from wormholed import netns as netns_mod
+from wormholed.netns import Netns, NetnsError, make_socket
+from wormholed.proxy.tcp import Stats, TcpProxy, dial
+from wormholed.proxy.udp import UdpProxy, dial_udp
+
+LOCAL = "127.0.0.1"
+
+
+def uvloop_test(fn):
+    """Run an async test function on a fresh uvloop loop."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(asyncio.wait_for(fn(*args, **kwargs), 30))
+
+    return wrapper
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="session")
+def process_wide_fds():
+    """What stays open for the whole process once used: libuv's signal pipe, the home netns."""
+    uvloop_test(asyncio.sleep)(0)
+    netns_mod._home()
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak(process_wide_fds):
+    gc.collect()
+    before = open_fds()
+    yield
+    gc.collect()
+    leaked = open_fds() - before
+    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked
+                        if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+class Server:
+    """An asyncio stream server on loopback (or on a given listening socket)."""
+
+    def __init__(self, handler=echo, sock: socket.socket | None = None):
+        self.handler = handler
+        self.sock = sock
+        self.conns: list[asyncio.Task] = []
+
+    async def _handle(self, reader, writer):
+        self.conns.append(asyncio.current_task())
+        await self.handler(reader, writer)
+
+    async def __aenter__(self):
+        if self.sock is not None:
+            self.server = await asyncio.start_server(self._handle, sock=self.sock)
+        else:
+            self.server = await asyncio.start_server(self._handle, LOCAL, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        for task in self.conns:
+            task.cancel()
+        await asyncio.gather(*self.conns, return_exceptions=True)
+        await self.server.wait_closed()
+
+
+class Proxy:
+    """A TcpProxy on 127.0.0.1:0 (or a given listening socket) dialling ``port``."""
+
+    def __init__(self, port: int, *, connect=None, sock: socket.socket | None = None, timeout=5.0):
+        self.connect = connect or (lambda: dial(None, LOCAL, port, timeout=timeout))
+        self.sock = sock
+
+    async def __aenter__(self):
+        if self.sock is None:
+            self.sock = await make_socket(None, socket.AF_INET, socket.SOCK_STREAM,
+                                          bind=(LOCAL, 0), listen=128)
+        self.port = self.sock.getsockname()[1]
+        self.proxy = TcpProxy(self.sock, self.connect)
+        self.proxy.start()
+        return self.proxy
+
+    async def __aexit__(self, *exc):
+        await self.proxy.aclose()
+
+
+async def connect(port: int):
+    return await asyncio.open_connection(LOCAL, port)
+
+
+async def closed(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except ConnectionError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+async def read_outcome(reader: asyncio.StreamReader) -> str:
+    """'eof', 'reset' or 'data' for what the client gets next."""
+    try:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+    except ConnectionResetError:
+        return "reset"
+    return "data" if data else "eof"
+
+
+# --------------------------------------------------------------------------
+# TCP
+
+
+@uvloop_test
+async def test_one_mebibyte_is_echoed_intact():
+    data = os.urandom(1 << 20)
+    async with Server() as server, Proxy(server.port) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        receiving = asyncio.create_task(reader.readexactly(len(data)))
+        writer.write(data)
+        await writer.drain()
+        assert await receiving == data
+        writer.write_eof()
+        assert await reader.read() == b""
+        await closed(writer)
+        await wait_for(lambda: proxy.stats.connections == 0)
+        assert proxy.stats == Stats(connections=0, total=1, bytes_in=len(data), bytes_out=len(data))
+
+
+def proxy_port(proxy: TcpProxy) -> int:
+    return proxy._sock.getsockname()[1]
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("refused", ["socket to pipe", "pipe to socket"])
+def test_copy_mode_when_splice_refuses_the_fds(monkeypatch, refused):
+    real_splice = os.splice
+
+    def splice(src, dst, *args):
+        side = src if refused == "socket to pipe" else dst
+        if stat.S_ISSOCK(os.fstat(side).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_splice(src, dst, *args)
+
+    monkeypatch.setattr(os, "splice", splice)
+    test_one_mebibyte_is_echoed_intact()
+
+
+@uvloop_test
+async def test_half_close_passes_on_and_the_reply_still_flows():
+    async def reply_after_eof(reader, writer):
+        request = await reader.read()  # everything until the client's EOF
+        writer.write(b"got %d bytes: " % len(request) + request.upper())
+        await writer.drain()
+        writer.close()
+
+    async with Server(reply_after_eof) as server, Proxy(server.port) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        writer.write(b"hello")
+        writer.write_eof()
+        assert await reader.read() == b"got 5 bytes: HELLO"  # the full reply, then EOF
+        await closed(writer)
+
+
+@uvloop_test
+async def test_a_reset_by_the_server_reaches_the_client_as_a_reset():
+    async def abort(reader, writer):
+        await reader.readexactly(4)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        writer.transport.abort()
+
+    async with Server(abort) as server, Proxy(server.port) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        writer.write(b"ping")
+        assert await read_outcome(reader) == "reset"
+        await closed(writer)
+        await wait_for(lambda: proxy.stats.connections == 0)
+
+
+@uvloop_test
+async def test_a_reset_by_the_client_reaches_the_server_as_a_reset():
+    outcome = asyncio.get_running_loop().create_future()
+
+    async def watch(reader, writer):
+        await reader.readexactly(4)
+        outcome.set_result(await read_outcome(reader))
+        writer.close()
+
+    async with Server(watch) as server, Proxy(server.port) as proxy:
+        sock = socket.create_connection((LOCAL, proxy_port(proxy)))
+        sock.sendall(b"ping")
+        await asyncio.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        sock.close()
+        assert await outcome == "reset"
+
+
+@uvloop_test
+async def test_dial_retries_until_the_tail_listens():
+    port = free_port()
+    async with Proxy(port) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        writer.write(b"early bytes")  # held in the kernel until the tail is up
+        await asyncio.sleep(1.0)
+        async with Server(sock=bound_listener(port)):
+            assert await asyncio.wait_for(reader.readexactly(11), 5) == b"early bytes"
+            await closed(writer)
+
+
+def bound_listener(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((LOCAL, port))
+    sock.listen()
+    return sock
+
+
+@uvloop_test
+async def test_dial_gives_up_naming_the_address():
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError, match=f"127.0.0.1:{port}"):
+        await dial(None, LOCAL, port, timeout=0.3)
+    assert 0.25 < time.monotonic() - started < 2
+
+
+@uvloop_test
+async def test_a_failed_connect_closes_the_client():
+    async with Proxy(free_port(), timeout=0.2) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        assert await read_outcome(reader) in ("reset", "eof")
+        await closed(writer)
+        assert proxy.stats.connections == 0 and proxy.stats.total == 1
+
+
+@uvloop_test
+async def test_aclose_resets_live_connections_and_stops_listening():
+    async with Server() as server:
+        proxy_cm = Proxy(server.port)
+        proxy = await proxy_cm.__aenter__()
+        port = proxy_port(proxy)
+        reader, writer = await connect(port)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        await proxy.aclose()
+        await proxy.aclose()  # idempotent
+        assert await read_outcome(reader) == "reset"
+        await closed(writer)
+        with pytest.raises(ConnectionRefusedError):
+            await connect(port)
+        assert proxy.stats.connections == 0
+
+
+@uvloop_test
+async def test_aclose_during_connect_drops_the_pending_client():
+    started = asyncio.Event()
+
+    async def never():
+        started.set()
+        await asyncio.sleep(3600)
+
+    async with Proxy(0, connect=never) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        await started.wait()
+        await proxy.aclose()
+        assert await read_outcome(reader) in ("reset", "eof")
+        await closed(writer)
+        assert proxy.stats.connections == 0
+
+
+@uvloop_test
+async def test_back_pressure_blocks_a_fast_sender_and_loses_nothing():
+    reading = asyncio.Event()
+    received = bytearray()
+
+    async def slow_reader(reader, writer):
+        await reading.wait()
+        while data := await reader.read(1 << 20):
+            received.extend(data)
+        writer.close()
+
+    def stream(start: int, end: int) -> memoryview:  # the bytes at [start, end) of the stream
+        return memoryview(pattern)[start % 256: start % 256 + end - start]
+
+    pattern = bytes(range(256)) * 1024  # period 256: any slice continues it
+    async with Server(slow_reader) as server, Proxy(server.port) as proxy:
+        client = socket.create_connection((LOCAL, proxy_port(proxy)))
+        try:
+            client.setblocking(False)
+            sent = 0
+            stalled_since = time.monotonic()
+            while time.monotonic() - stalled_since < 1.0:  # until nothing moves for a second
+                try:
+                    sent += client.send(stream(sent, sent + 65536))
+                    stalled_since = time.monotonic()
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+                assert sent < 256 << 20, "the sender never blocked"
+            # what the kernel buffers on the way (the proxy holds at most a pipe)
+            assert proxy.stats.bytes_in <= sent and sent < 96 << 20
+            reading.set()
+            total = sent + (1 << 20)
+            for start in range(sent, total, 65536):
+                await asyncio.get_running_loop().sock_sendall(client, stream(start, start + 65536))
+            client.shutdown(socket.SHUT_WR)
+            await wait_for(lambda: len(received) == total, 20)
+            assert received == (bytes(range(256)) * (total // 256 + 1))[:total]
+        finally:
+            client.close()
+
+
+@uvloop_test
+async def test_connections_counted_and_no_fds_left_after_aclose():
+    async with Server() as server, Proxy(server.port) as proxy:
+        conns = [await connect(proxy_port(proxy)) for _ in range(20)]
+        for reader, writer in conns:
+            writer.write(b"abc")
+            assert await reader.readexactly(3) == b"abc"
+        assert proxy.stats.connections == 20
+        for reader, writer in conns[:10]:
+            writer.write_eof()
+            assert await reader.read() == b""
+            await closed(writer)
+        await wait_for(lambda: proxy.stats.connections == 10)
+        await proxy.aclose()
+        assert proxy.stats.connections == 0
+        for reader, writer in conns[10:]:
+            await closed(writer)
+    # the autouse fixture checks the fds
+
+
+# --------------------------------------------------------------------------
+# UDP
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.peers: list = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.peers.append(addr)
+        self.transport.sendto(b"echo:" + data, addr)
+
+
+async def udp_client(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect((LOCAL, port))
+    return sock
+
+
+async def udp_ask(sock: socket.socket, data: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, data)
+    return await asyncio.wait_for(loop.sock_recv(sock, 65535), 5)
+
+
+class UdpSetup:
+    def __init__(self, idle_timeout=60.0):
+        self.idle_timeout = idle_timeout
+
+    async def __aenter__(self):
+        loop = asyncio.get_running_loop()
+        self.transport, self.echo = await loop.create_datagram_endpoint(
+            UdpEcho, local_addr=(LOCAL, 0))
+        tail_port = self.transport.get_extra_info("sockname")[1]
+        head = await make_socket(None, socket.AF_INET, socket.SOCK_DGRAM, bind=(LOCAL, 0))
+        self.port = head.getsockname()[1]
+        self.proxy = UdpProxy(head, lambda: dial_udp(None, LOCAL, tail_port),
+                              idle_timeout=self.idle_timeout)
+        self.proxy.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.proxy.aclose()
+        self.transport.close()
+
+
+@uvloop_test
+async def test_udp_two_clients_get_their_own_flows():
+    async with UdpSetup() as udp:
+        a, b = await udp_client(udp.port), await udp_client(udp.port)
+        try:
+            assert await udp_ask(a, b"from a") == b"echo:from a"
+            assert await udp_ask(b, b"from b") == b"echo:from b"
+            assert await udp_ask(a, b"again a") == b"echo:again a"
+            assert udp.proxy.stats.connections == 2 and udp.proxy.stats.total == 2
+            peers = udp.echo.peers
+            assert peers[0] == peers[2] != peers[1]  # one tail socket per client
+            assert udp.proxy.stats.bytes_in == len(b"from afrom bagain a")
+            assert udp.proxy.stats.bytes_out == len(b"echo:") * 3 + len(b"from afrom bagain a")
+        finally:
+            a.close()
+            b.close()
+
+
+@uvloop_test
+async def test_udp_idle_flow_is_closed_and_reopened_on_demand():
+    async with UdpSetup(idle_timeout=0.3) as udp:
+        a = await udp_client(udp.port)
+        try:
+            assert await udp_ask(a, b"1") == b"echo:1"
+            assert udp.proxy.stats.connections == 1
+            await wait_for(lambda: udp.proxy.stats.connections == 0, 2)
+            assert await udp_ask(a, b"2") == b"echo:2"
+            assert udp.proxy.stats.total == 2
+        finally:
+            a.close()
+
+
+@uvloop_test
+async def test_udp_datagrams_sent_while_the_flow_opens_are_kept():
+    async with UdpSetup() as udp:
+        real_open = udp.proxy._open_flow
+
+        async def slow_open():
+            await asyncio.sleep(0.2)
+            return await real_open()
+
+        udp.proxy._open_flow = slow_open
+        a = await udp_client(udp.port)
+        try:
+            for i in range(3):
+                a.send(b"%d" % i)
+            loop = asyncio.get_running_loop()
+            replies = {await asyncio.wait_for(loop.sock_recv(a, 100), 5) for _ in range(3)}
+            assert replies == {b"echo:0", b"echo:1", b"echo:2"}
+        finally:
+            a.close()
+
+
+# --------------------------------------------------------------------------
+# Namespaces (root)
+
+
+def test_named_netns_errors_are_user_messages():
+    with pytest.raises(NetnsError, match="no network namespace named 'wh-no-such-ns'"):
+        Netns.named("wh-no-such-ns")
+    with pytest.raises(NetnsError, match="invalid"):
+        Netns.named("../etc")
+    with pytest.raises(NetnsError, match="no process"):
+        Netns.of_pid(2**22 + 1)
+
+
+def test_of_pid_compares_equal_to_the_same_namespace():
+    with Netns.of_pid(os.getpid()) as a, Netns.of_pid(os.getpid()) as b:
+        assert a == b and hash(a) == hash(b) and a.label == f"pid:{os.getpid()}"
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates network namespaces")
+
+
+@pytest.fixture
+def two_namespaces():
+    """Namespaces A (192.0.2.1) and B (192.0.2.2) joined by a veth pair; always removed."""
+    from pyroute2 import NetNS, netns
+
+    names = [f"wh-relay-{tag}-{os.getpid()}" for tag in ("a", "b")]
+    created = []
+    quiet = warnings.catch_warnings  # pyroute2 forks, and our idle helper threads make Python warn
+    try:
+        with quiet(action="ignore", category=DeprecationWarning):
+            for name in names:
+                netns.create(name)
+                created.append(name)
+            with NetNS(names[0]) as ns:
+                ns.link("add", ifname="veth-a", kind="veth",
+                        peer={"ifname": "veth-b", "net_ns_fd": names[1]})
+            for name, ifname, addr in zip(names, ("veth-a", "veth-b"), ("192.0.2.1", "192.0.2.2")):
+                with NetNS(name) as ns:
+                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                    index = ns.link_lookup(ifname=ifname)[0]
+                    ns.addr("add", index=index, address=addr, prefixlen=24)
+                    ns.link("set", index=index, state="up")
+        yield names
+    finally:
+        with quiet(action="ignore", category=DeprecationWarning):
+            for name in created:
+                netns.remove(name)
+
+
+def thread_netns() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@needs_root
+@uvloop_test
+async def test_bytes_cross_namespaces_and_the_loop_thread_stays_home(two_namespaces):
+    home = thread_netns()
+    with Netns.named(two_namespaces[0]) as ns_a, Netns.named(two_namespaces[1]) as ns_b:
+        with Netns.named(two_namespaces[0]) as again:
+            assert ns_a == again and hash(ns_a) == hash(again) and ns_a != ns_b
+        # echo servers in B: one on B's own loopback, one on its veth address
+        lo_b = await make_socket(ns_b, socket.AF_INET, socket.SOCK_STREAM, bind=(LOCAL, 0), listen=8)
+        veth_b = await make_socket(ns_b, socket.AF_INET, socket.SOCK_STREAM,
+                                   bind=("192.0.2.2", 0), listen=8)
+        async with Server(sock=lo_b) as lo_server, Server(sock=veth_b) as veth_server:
+            for tail_ns, host, port in ((ns_b, LOCAL, lo_server.port),
+                                        (ns_a, "192.0.2.2", veth_server.port)):
+                head = await make_socket(ns_a, socket.AF_INET, socket.SOCK_STREAM,
+                                         bind=(LOCAL, 0), listen=8)
+                head_port = head.getsockname()[1]
+
+                async def tail(tail_ns=tail_ns, host=host, port=port):
+                    return await dial(tail_ns, host, port)
+
+                async with Proxy(0, connect=tail, sock=head):
+                    # the head listens in A only: this namespace has nothing there
+                    with pytest.raises(ConnectionRefusedError):
+                        await connect(head_port)
+                    client = await make_socket(ns_a, socket.AF_INET, socket.SOCK_STREAM)
+                    loop = asyncio.get_running_loop()
+                    await loop.sock_connect(client, (LOCAL, head_port))
+                    data = os.urandom(256 << 10)
+                    await loop.sock_sendall(client, data)
+                    client.shutdown(socket.SHUT_WR)
+                    got = bytearray()
+                    while chunk := await loop.sock_recv(client, 65536):
+                        got.extend(chunk)
+                    client.close()
+                    assert got == data
+            assert thread_netns() == home
+
+
+@needs_root
+@uvloop_test
+async def test_bind_errors_name_the_address_and_namespace(two_namespaces):
+    with Netns.named(two_namespaces[0]) as ns_a:
+        with pytest.raises(OSError) as info:
+            await make_socket(ns_a, socket.AF_INET, socket.SOCK_STREAM, bind=("192.0.2.2", 0))
+        assert info.value.errno == errno.EADDRNOTAVAIL
+        assert "192.0.2.2:0" in str(info.value) and two_namespaces[0] in str(info.value)
+        first = await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM, bind=(LOCAL, 0))
+        try:
+            with pytest.raises(OSError) as info:
+                await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM,
+                                  bind=first.getsockname())
+            assert info.value.errno == errno.EADDRINUSE
+        finally:
+            first.close()
+
+
+@needs_root
+@uvloop_test
+async def test_udp_across_namespaces(two_namespaces):
+    with Netns.named(two_namespaces[0]) as ns_a, Netns.named(two_namespaces[1]) as ns_b:
+        loop = asyncio.get_running_loop()
+        tail_sock = await make_socket(ns_b, socket.AF_INET, socket.SOCK_DGRAM, bind=("192.0.2.2", 0))
+        transport, _ = await loop.create_datagram_endpoint(UdpEcho, sock=tail_sock)
+        tail_port = tail_sock.getsockname()[1]
+        head = await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM, bind=(LOCAL, 0))
+        proxy = UdpProxy(head, lambda: dial_udp(ns_a, "192.0.2.2", tail_port))
+        proxy.start()
+        try:
+            client = await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                client.connect(head.getsockname())
+                assert await udp_ask(client, b"hi") == b"echo:hi"
+            finally:
+                client.close()
+        finally:
+            await proxy.aclose()
+            transport.close()

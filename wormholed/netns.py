@@ -1,0 +1,258 @@
+"""Sockets made inside a network namespace.
+
+A socket belongs to the network namespace it was created in, whatever thread
+later uses it. So a socket for another namespace is created on a helper
+thread that enters the namespace (``setns``), makes the socket, and goes
+home again; the event loop's own thread never changes namespace. A helper
+thread that cannot get home ends instead of being reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import errno
+import fcntl
+import logging
+import os
+import socket
+import threading
+
+__all__ = ["NetnsError", "Netns", "make_socket"]
+
+log = logging.getLogger("wormholed.netns")
+
+NETNS_RUN_DIR = "/run/netns"
+_NS_GET_NSTYPE = 0xB703  # ioctl _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
+
+
+class NetnsError(Exception):
+    """A namespace that cannot be used; the message is fit to print to a user."""
+
+
+class Netns:
+    """A network namespace held open by an fd (so it stays valid while used).
+
+    Two ``Netns`` of the same namespace compare equal. Close it when done, or
+    use it as a context manager.
+    """
+
+    __slots__ = ("_fd", "label", "_key")
+
+    def __init__(self, fd: int, label: str) -> None:
+        """Take ownership of ``fd``, an open network-namespace file."""
+        self._fd = fd
+        self.label = label
+        st = os.fstat(fd)
+        self._key = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def named(cls, name: str) -> Netns:
+        """The namespace ``ip netns`` calls NAME (``/run/netns/NAME``)."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise NetnsError(f"invalid network namespace name {name!r}")
+        try:
+            fd = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NetnsError(f"no network namespace named {name!r}") from None
+        except OSError as exc:
+            raise NetnsError(f"cannot open network namespace {name!r}: {exc.strerror}") from None
+        return cls._checked(fd, f"netns:{name}")
+
+    @classmethod
+    def of_pid(cls, pid: int) -> Netns:
+        """The namespace process PID is in (``/proc/PID/ns/net``)."""
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise NetnsError(f"invalid process id {pid!r}")
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NetnsError(f"no process with id {pid}") from None
+        except OSError as exc:
+            raise NetnsError(f"cannot open the network namespace of process {pid}: {exc.strerror}") from None
+        return cls._checked(fd, f"pid:{pid}")
+
+    @classmethod
+    def _checked(cls, fd: int, label: str) -> Netns:
+        # A stale /run/netns entry is a plain file once its bind mount is gone.
+        try:
+            kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            kind = None
+        if kind != os.CLONE_NEWNET:
+            os.close(fd)
+            raise NetnsError(f"{label} is not a network namespace")
+        return cls(fd, label)
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise NetnsError(f"{self.label} is closed")
+        return self._fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Netns) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"<Netns {self.label} ino={self._key[1]}>"
+
+
+# --------------------------------------------------------------------------
+# The daemon's own namespace, opened once by the first caller of make_socket
+# (the event loop thread, which never leaves it).
+
+_home_fd = -1
+_home_key: tuple[int, int] | None = None
+
+
+def _home() -> int:
+    global _home_fd, _home_key
+    if _home_fd < 0:
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        _home_fd, _home_key = fd, (st.st_dev, st.st_ino)
+    return _home_fd
+
+
+class _Stranded(Exception):
+    """The helper thread could not return to the daemon's namespace."""
+
+
+class _Workers:
+    """A few daemon threads that run jobs; a thread whose job raises _Stranded ends."""
+
+    def __init__(self, max_threads: int = 4) -> None:
+        self._max = max_threads
+        self._jobs: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._jobs.append((fut, fn, args))
+            if self._idle:
+                self._wake.notify()
+            elif self._threads < self._max:
+                self._spawn()
+        return fut
+
+    def _spawn(self) -> None:  # with the lock held
+        self._threads += 1
+        threading.Thread(target=self._work, name="wormholed-netns", daemon=True).start()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._jobs:
+                        self._idle += 1
+                        self._wake.wait()
+                        self._idle -= 1
+                    fut, fn, args = self._jobs.popleft()
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fn(*args))
+                except _Stranded as exc:
+                    log.critical("netns helper thread is stranded and ends: %s", exc)
+                    fut.set_exception(OSError(errno.EIO, str(exc)))
+                    return
+                except BaseException as exc:  # handed to the caller
+                    fut.set_exception(exc)
+        finally:
+            with self._lock:
+                self._threads -= 1
+                if self._jobs and self._threads < self._max:
+                    self._spawn()
+
+
+_workers = _Workers()
+
+
+def _where(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return repr(addr)
+
+
+def _create(family, type, bind, listen, reuse, label) -> socket.socket:
+    sock = socket.socket(family, type | socket.SOCK_NONBLOCK)
+    try:
+        if bind is not None:
+            if reuse and type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(bind)
+            except OSError as exc:
+                where = f"{_where(bind)} in {label}" if label else _where(bind)
+                raise OSError(exc.errno, f"cannot bind {where}: {exc.strerror}") from None
+        if listen is not None:
+            sock.listen(listen)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _create_in(ns_fd, home_fd, family, type, bind, listen, reuse, label) -> socket.socket:
+    os.setns(ns_fd, os.CLONE_NEWNET)
+    sock = None
+    try:
+        sock = _create(family, type, bind, listen, reuse, label)
+    finally:
+        try:
+            os.setns(home_fd, os.CLONE_NEWNET)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise _Stranded(f"cannot return from {label}: {exc.strerror}") from exc
+    return sock
+
+
+def _close_result(fut: concurrent.futures.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()
+
+
+async def make_socket(
+    ns: Netns | None,
+    family: int,
+    type: int,
+    *,
+    bind: tuple | None = None,
+    listen: int | None = None,
+    reuse: bool = True,
+) -> socket.socket:
+    """A non-blocking socket created in ``ns`` (None: the daemon's own).
+
+    Optionally bound (SO_REUSEADDR first for TCP when ``reuse``) and
+    listening. Binding errors raise OSError naming the address; the socket is
+    closed on any error. Call it from the event loop thread.
+    """
+    home = _home()
+    if ns is None or ns._key == _home_key:
+        return _create(family, type, bind, listen, reuse, None)
+    fut = _workers.submit(_create_in, ns.fileno(), home, family, type, bind, listen, reuse, ns.label)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_close_result)  # the thread may still hand us a socket
+        raise
