@@ -107,8 +107,11 @@ class Server:
 class Proxy:
     """A TcpProxy on 127.0.0.1:0 (or a given listening socket) dialling ``port``."""
 
-    def __init__(self, port: int, *, connect=None, sock: socket.socket | None = None, timeout=5.0):
-        self.connect = connect or (lambda: dial(None, LOCAL, port, timeout=timeout))
+    def __init__(self, port: int, *, connect=None, sock: socket.socket | None = None, timeout=5.0,
+                 fast=True):
+        # fast: dial through the proxy's own epoll (wait=proxy.finish_connect)
+        self.connect = connect or (lambda: dial(None, LOCAL, port, timeout=timeout,
+                                                wait=self.proxy.finish_connect if fast else None))
         self.sock = sock
 
     async def __aenter__(self):
@@ -155,10 +158,15 @@ async def read_outcome(reader: asyncio.StreamReader) -> str:
 # TCP
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["finish_connect", "add_writer"])
 @uvloop_test
-async def test_one_mebibyte_is_echoed_intact():
+async def test_one_mebibyte_is_echoed_intact(fast):
+    await echo_one_mebibyte(fast)
+
+
+async def echo_one_mebibyte(fast=True):
     data = os.urandom(1 << 20)
-    async with Server() as server, Proxy(server.port) as proxy:
+    async with Server() as server, Proxy(server.port, fast=fast) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         receiving = asyncio.create_task(reader.readexactly(len(data)))
         writer.write(data)
@@ -193,7 +201,7 @@ def test_copy_mode_when_splice_refuses_the_fds(monkeypatch, refused):
         return real_splice(src, dst, *args)
 
     monkeypatch.setattr(os, "splice", splice)
-    test_one_mebibyte_is_echoed_intact()
+    uvloop_test(echo_one_mebibyte)()
 
 
 @uvloop_test
@@ -246,10 +254,11 @@ async def test_a_reset_by_the_client_reaches_the_server_as_a_reset():
         assert await outcome == "reset"
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["finish_connect", "add_writer"])
 @uvloop_test
-async def test_dial_retries_until_the_tail_listens():
+async def test_dial_retries_until_the_tail_listens(fast):
     port = free_port()
-    async with Proxy(port) as proxy:
+    async with Proxy(port, fast=fast) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         writer.write(b"early bytes")  # held in the kernel until the tail is up
         await asyncio.sleep(1.0)
@@ -275,9 +284,10 @@ async def test_dial_gives_up_naming_the_address():
     assert 0.25 < time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["finish_connect", "add_writer"])
 @uvloop_test
-async def test_a_failed_connect_closes_the_client():
-    async with Proxy(free_port(), timeout=0.2) as proxy:
+async def test_a_failed_connect_closes_the_client(fast):
+    async with Proxy(free_port(), timeout=0.2, fast=fast) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         assert await read_outcome(reader) in ("reset", "eof")
         await closed(writer)

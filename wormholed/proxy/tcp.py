@@ -48,6 +48,7 @@ class Stats:
 
 
 Connect = Callable[[], Awaitable[socket.socket]]
+FinishConnect = Callable[[socket.socket, float], Awaitable[None]]
 
 PIPE_SIZE = 1 << 20  # asked for with F_SETPIPE_SZ; the kernel may give less
 _F_SETPIPE_SZ = 1031
@@ -272,6 +273,7 @@ class TcpProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._epoll: select.epoll | None = None
         self._halves: dict[int, _Half] = {}  # socket fd -> the half reading it
+        self._connecting: dict[int, asyncio.Future] = {}  # fd -> finish_connect()'s future
         self._tasks: set[asyncio.Task] = set()  # connecting to the tail
         self._pipes: list[tuple[int, int]] = []
         self._family = 0
@@ -287,6 +289,8 @@ class TcpProxy:
         self._epoll = select.epoll()
         self._loop.add_reader(self._epoll.fileno(), self._on_events)
         self._sock.setblocking(False)
+        # Accepted sockets inherit TCP_NODELAY from the listener: one call, not one per client.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._family = int(self._sock.family)
         self._resume_accepting()
 
@@ -332,7 +336,6 @@ class TcpProxy:
         # Bytes the client sends meanwhile wait in the kernel.
         try:
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tail = await self._connect()
             if self._closed:  # connect() finished despite the cancellation
                 _abort(tail)
@@ -351,13 +354,45 @@ class TcpProxy:
         halves[relay.down.src] = relay.down
         # Registering reports the current state as edges: early bytes, writable.
         self._epoll.register(relay.up.src, _EPOLL_MASK)
-        self._epoll.register(relay.down.src, _EPOLL_MASK)
+        try:
+            self._epoll.register(relay.down.src, _EPOLL_MASK)
+        except FileExistsError:  # dialled with wait=self.finish_connect: already there
+            pass
+
+    async def finish_connect(self, sock: socket.socket, deadline: float) -> None:
+        """Wait for a socket's non-blocking connect() to finish; for ``dial(wait=)``.
+
+        OSError if it failed, TimeoutError at ``deadline`` (loop time). Cheaper
+        than the loop's add_writer: the socket joins this proxy's epoll set
+        once, and stays there for its relay.
+        """
+        if self._closed:
+            raise OSError(errno.ECONNABORTED, "the proxy is closed")
+        fd = sock.fileno()
+        fut = self._connecting[fd] = self._loop.create_future()
+        self._epoll.register(fd, _EPOLL_MASK)
+        timer = self._loop.call_at(deadline, _expire, fut)
+        try:
+            await fut
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            if not self._closed:
+                self._epoll.unregister(fd)
+            raise
+        finally:
+            timer.cancel()
+            del self._connecting[fd]
 
     def _on_events(self) -> None:
         halves = self._halves
         for fd, ev in self._epoll.poll(0):
             half = halves.get(fd)  # fd -> the half reading it; its peer writes it
-            if half is None:  # closed earlier in this batch
+            if half is None:
+                fut = self._connecting.get(fd)  # else closed earlier in this batch
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
                 continue
             if ev & _WRITABLE and half.peer.pending:
                 half.peer.pump()
@@ -451,13 +486,15 @@ def _expire(fut: asyncio.Future) -> None:
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple,
-                   deadline: float) -> None:
+                   deadline: float, wait: FinishConnect | None) -> None:
     # loop.sock_connect would run getaddrinfo on a thread for every call (uvloop).
     try:
         sock.connect(addr)
         return
     except BlockingIOError:  # EINPROGRESS
         pass
+    if wait is not None:
+        return await wait(sock, deadline)
     fd = sock.fileno()
     fut = loop.create_future()
     loop.add_writer(fd, _wake, fut)
@@ -472,11 +509,14 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
         raise OSError(err, os.strerror(err))
 
 
-async def dial(ns: Netns | None, host: str, port: int, *, timeout: float = 5.0) -> socket.socket:
+async def dial(ns: Netns | None, host: str, port: int, *, timeout: float = 5.0,
+               wait: FinishConnect | None = None) -> socket.socket:
     """A connected non-blocking TCP socket to host:port, made in ``ns``.
 
     A refused connection (the service still starting) is retried every 50 ms
-    until ``timeout`` seconds have passed.
+    until ``timeout`` seconds have passed. ``wait``: how to wait for the
+    connection, e.g. the TcpProxy's ``finish_connect`` (faster than the
+    event loop's default way).
     """
     loop = asyncio.get_running_loop()
     family, addr = await resolve(host, port, socket.SOCK_STREAM)
@@ -484,7 +524,7 @@ async def dial(ns: Netns | None, host: str, port: int, *, timeout: float = 5.0) 
     while True:
         sock = await make_socket(ns, family, socket.SOCK_STREAM)
         try:
-            await _connect(loop, sock, addr, deadline)
+            await _connect(loop, sock, addr, deadline, wait)
             return sock
         except ConnectionRefusedError:
             sock.close()
