@@ -625,3 +625,32 @@ async def test_udp_across_namespaces(two_namespaces):
         finally:
             await proxy.aclose()
             transport.close()
+
+
+@needs_root
+@uvloop_test
+async def test_a_helper_thread_that_cannot_return_home_is_not_reused(two_namespaces, monkeypatch):
+    real_setns = os.setns
+    home_fd = netns_mod._home()
+    fail_once = [True]
+
+    def setns(fd, nstype=0):
+        if fd == home_fd and fail_once[0]:
+            fail_once[0] = False
+            raise OSError(errno.EPERM, "refused by the test")
+        return real_setns(fd, nstype)
+
+    with Netns.named(two_namespaces[0]) as ns_a, Netns.named(two_namespaces[1]) as ns_b:
+        (await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM)).close()  # start a helper
+        threads = netns_mod._workers._threads
+        monkeypatch.setattr(os, "setns", setns)
+        with pytest.raises(OSError, match="cannot return from netns:wh-relay-a"):
+            await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM, bind=(LOCAL, 0))
+        await wait_for(lambda: netns_mod._workers._threads == threads - 1)  # it ended
+        # every socket made from now on is made by a thread that went home
+        for _ in range(8):
+            sock = await make_socket(ns_b, socket.AF_INET, socket.SOCK_DGRAM, bind=("192.0.2.2", 0))
+            sock.close()
+            sock = await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM, bind=("192.0.2.1", 0))
+            sock.close()
+        assert thread_netns() == os.stat("/proc/self/ns/net").st_ino

@@ -224,16 +224,14 @@ class _Relay:
 
     __slots__ = ("proxy", "client", "tail", "up", "down")
 
-    def __init__(self, proxy: TcpProxy, client: socket.socket, tail: socket.socket) -> None:
+    def __init__(self, proxy: TcpProxy, client: socket.socket, tail: socket.socket,
+                 pipes: tuple[tuple[int, int], tuple[int, int]]) -> None:
         self.proxy = proxy  # None once closed
         self.client = client
         self.tail = tail
-        pool = proxy._pipes
         stats = proxy.stats
-        self.up = up = _Half(self, stats, client.fileno(), tail,
-                             pool.pop() if pool else _new_pipe(), True)
-        self.down = down = _Half(self, stats, tail.fileno(), client,
-                                 pool.pop() if pool else _new_pipe(), False)
+        self.up = up = _Half(self, stats, client.fileno(), tail, pipes[0], True)
+        self.down = down = _Half(self, stats, tail.fileno(), client, pipes[1], False)
         up.peer = down
         down.peer = up
 
@@ -245,7 +243,10 @@ class _Relay:
         pool = proxy._pipes
         for half in (self.up, self.down):
             del proxy._halves[half.src]
-            proxy._epoll.unregister(half.src)
+            try:
+                proxy._epoll.unregister(half.src)
+            except FileNotFoundError:  # its registration failed
+                pass
             if (half.copy or not half.pending) and len(pool) < _POOL_MAX:  # the pipe is empty
                 pool.append((half.rp, half.wp))
             else:
@@ -309,6 +310,7 @@ class TcpProxy:
                 self._pause_accepting()
                 if exc.errno in _EXHAUSTED:
                     self.log.error("accept: %s; retrying in 100 ms", exc)
+                    self._drop_pipes()  # idle pipes hold fds
                     self._backoff = loop.call_later(0.1, self._resume_accepting)
                 else:
                     self.log.error("accept failed, no longer accepting: %s", exc)
@@ -334,30 +336,52 @@ class TcpProxy:
 
     async def _open(self, conn: _socket.socket) -> None:
         # Bytes the client sends meanwhile wait in the kernel.
+        tail = None
         try:
             conn.setblocking(False)
             tail = await self._connect()
             if self._closed:  # connect() finished despite the cancellation
-                _abort(tail)
                 raise asyncio.CancelledError
             tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pipes = self._take_pipes()
         except BaseException as exc:
             self.stats.connections -= 1
             _abort(conn)
+            if tail is not None:
+                _abort(tail)
             if isinstance(exc, Exception):
-                self.log.warning("connection dropped, tail unreachable: %s", exc)
+                self.log.warning("connection dropped: %s", exc)
                 return
             raise
-        relay = _Relay(self, conn, tail)
+        relay = _Relay(self, conn, tail, pipes)
         halves = self._halves
         halves[relay.up.src] = relay.up
         halves[relay.down.src] = relay.down
         # Registering reports the current state as edges: early bytes, writable.
-        self._epoll.register(relay.up.src, _EPOLL_MASK)
         try:
-            self._epoll.register(relay.down.src, _EPOLL_MASK)
-        except FileExistsError:  # dialled with wait=self.finish_connect: already there
-            pass
+            self._epoll.register(relay.up.src, _EPOLL_MASK)
+            try:
+                self._epoll.register(relay.down.src, _EPOLL_MASK)
+            except FileExistsError:  # dialled with wait=self.finish_connect: already there
+                pass
+        except OSError as exc:  # ENOSPC: fs.epoll.max_user_watches
+            self.log.warning("connection dropped: %s", exc)
+            relay.close(reset=True)
+
+    def _take_pipes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        pool = self._pipes
+        first = pool.pop() if pool else _new_pipe()
+        try:
+            return first, pool.pop() if pool else _new_pipe()
+        except OSError:
+            pool.append(first)
+            raise
+
+    def _drop_pipes(self) -> None:
+        for r, w in self._pipes:
+            os.close(r)
+            os.close(w)
+        self._pipes.clear()
 
     async def finish_connect(self, sock: socket.socket, deadline: float) -> None:
         """Wait for a socket's non-blocking connect() to finish; for ``dial(wait=)``.
@@ -427,10 +451,7 @@ class TcpProxy:
         if self._epoll is not None:
             self._loop.remove_reader(self._epoll.fileno())
             self._epoll.close()
-        for r, w in self._pipes:
-            os.close(r)
-            os.close(w)
-        self._pipes.clear()
+        self._drop_pipes()
 
     async def __aenter__(self) -> TcpProxy:
         self.start()
