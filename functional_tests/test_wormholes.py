@@ -90,7 +90,7 @@ def test_tail_dial_retried_while_service_starts(host):
 
 def test_udp(host):
     host.echo_server(7005, udp=True)
-    _, url = host.create("url", "udp://:8005")
+    _, url = host.create("url", "udp://:8005", "tail", "url", ":7005")
     assert url == "udp://127.0.0.1:8005"
     a, b = host.connect(8005, udp=True), host.connect(8005, udp=True)
     for s, msg in ((a, b"from a"), (b, b"from b"), (a, b"again a")):

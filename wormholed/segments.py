@@ -150,7 +150,7 @@ class Segment:
             if not self.plan.trigger:
                 await self._arm()
             if udp:
-                self._proxy = UdpProxy(sock, self._connect_tail, stats=self.stats, log=log)
+                self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log)
             else:
                 self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log)
             self._proxy.start()
