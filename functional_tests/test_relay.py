@@ -654,3 +654,15 @@ async def test_a_helper_thread_that_cannot_return_home_is_not_reused(two_namespa
             sock = await make_socket(ns_a, socket.AF_INET, socket.SOCK_DGRAM, bind=("192.0.2.1", 0))
             sock.close()
         assert thread_netns() == os.stat("/proc/self/ns/net").st_ino
+
+
+@needs_root
+@uvloop_test
+async def test_plain_sockets_come_from_the_namespace_a_batch_at_a_time(two_namespaces):
+    with Netns.named(two_namespaces[1]) as ns_b:
+        for _ in range(netns_mod.SPARES * 2 + 1):  # fresh batches and spares alike
+            sock = await make_socket(ns_b, socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                sock.bind(("192.0.2.2", 0))  # an address only B has
+        assert 0 < len(ns_b._spares[(socket.AF_INET, socket.SOCK_DGRAM)]) < netns_mod.SPARES
+    # closing the Netns closed its spares: the fixture finds no fd left

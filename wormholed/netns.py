@@ -24,6 +24,7 @@ __all__ = ["NetnsError", "Netns", "make_socket"]
 log = logging.getLogger("wormholed.netns")
 
 NETNS_RUN_DIR = "/run/netns"
+SPARES = 8  # plain sockets made per trip into another namespace
 _NS_GET_NSTYPE = 0xB703  # ioctl _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
 
 
@@ -38,7 +39,7 @@ class Netns:
     use it as a context manager.
     """
 
-    __slots__ = ("_fd", "label", "_key")
+    __slots__ = ("_fd", "label", "_key", "_spares")
 
     def __init__(self, fd: int, label: str) -> None:
         """Take ownership of ``fd``, an open network-namespace file."""
@@ -46,6 +47,7 @@ class Netns:
         self.label = label
         st = os.fstat(fd)
         self._key = (st.st_dev, st.st_ino)
+        self._spares: dict[tuple[int, int], list[socket.socket]] = {}  # see make_socket
 
     @classmethod
     def named(cls, name: str) -> Netns:
@@ -94,6 +96,9 @@ class Netns:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+        for socks in self._spares.values():
+            _close(socks)
+        self._spares.clear()
 
     def __enter__(self) -> Netns:
         return self
@@ -212,24 +217,45 @@ def _create(family, type, bind, listen, reuse, label) -> socket.socket:
     return sock
 
 
-def _create_in(ns_fd, home_fd, family, type, bind, listen, reuse, label) -> socket.socket:
-    os.setns(ns_fd, os.CLONE_NEWNET)
-    sock = None
+def _make_many(family, type, count) -> list[socket.socket]:
+    socks = []
     try:
-        sock = _create(family, type, bind, listen, reuse, label)
+        for _ in range(count):
+            socks.append(socket.socket(family, type | socket.SOCK_NONBLOCK))
+    except OSError:
+        if not socks:
+            raise
+    return socks
+
+
+def _close(result) -> None:
+    for sock in result if isinstance(result, list) else (result,):
+        sock.close()
+
+
+def _inside(ns_fd, home_fd, label, fn, *args):
+    """fn(*args) run inside the namespace ns_fd, on this (helper) thread."""
+    os.setns(ns_fd, os.CLONE_NEWNET)
+    result = None
+    try:
+        result = fn(*args)
     finally:
         try:
             os.setns(home_fd, os.CLONE_NEWNET)
         except OSError as exc:
-            if sock is not None:
-                sock.close()
+            if result is not None:
+                _close(result)
             raise _Stranded(f"cannot return from {label}: {exc.strerror}") from exc
-    return sock
+    return result
 
 
-def _close_result(fut: concurrent.futures.Future) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
+async def _run_inside(ns: Netns, fn, *args):
+    fut = _workers.submit(_inside, ns.fileno(), _home(), ns.label, fn, *args)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:  # the thread may still hand us sockets
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() or _close(f.result()))
+        raise
 
 
 async def make_socket(
@@ -246,13 +272,25 @@ async def make_socket(
     Optionally bound (SO_REUSEADDR first for TCP when ``reuse``) and
     listening. Binding errors raise OSError naming the address; the socket is
     closed on any error. Call it from the event loop thread.
+
+    A trip to a helper thread costs far more than a socket, so plain sockets
+    for another namespace are made SPARES at a time and the rest kept on the
+    Netns for the next calls (dial() makes one per connection).
     """
-    home = _home()
+    _home()
     if ns is None or ns._key == _home_key:
         return _create(family, type, bind, listen, reuse, None)
-    fut = _workers.submit(_create_in, ns.fileno(), home, family, type, bind, listen, reuse, ns.label)
-    try:
-        return await asyncio.wrap_future(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(_close_result)  # the thread may still hand us a socket
-        raise
+    if bind is not None or listen is not None:
+        return await _run_inside(ns, _create, family, type, bind, listen, reuse, ns.label)
+    spares = ns._spares.get((family, type))
+    if spares:
+        return spares.pop()
+    socks = await _run_inside(ns, _make_many, family, type, SPARES)
+    sock = socks.pop()
+    if ns._fd >= 0:  # else closed meanwhile
+        spares = ns._spares.setdefault((family, type), [])
+        room = SPARES - len(spares)  # concurrent calls may have filled it already
+        spares.extend(socks[:room])
+        socks = socks[room:]
+    _close(socks)
+    return sock
