@@ -4,7 +4,8 @@ A socket belongs to the network namespace it was created in, whatever thread
 later uses it. So a socket for another namespace is created on a helper
 thread that enters the namespace (``setns``), makes the socket, and goes
 home again; the event loop's own thread never changes namespace. A helper
-thread that cannot get home ends instead of being reused.
+thread that cannot get home ends instead of being reused. Plain sockets are
+made a few at a time, the spares kept on the ``Netns``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import socket
 import threading
 
-__all__ = ["NetnsError", "Netns", "make_socket"]
+__all__ = ["NetnsError", "Netns", "make_socket", "hostport"]
 
 log = logging.getLogger("wormholed.netns")
 
@@ -191,11 +192,13 @@ class _Workers:
 _workers = _Workers()
 
 
+def hostport(host: str, port: int) -> str:
+    """host:port as a user writes it, [v6]:port for IPv6."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def _where(addr) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return repr(addr)
+    return hostport(addr[0], addr[1]) if isinstance(addr, tuple) and len(addr) >= 2 else repr(addr)
 
 
 def _create(family, type, bind, listen, reuse, label) -> socket.socket:

@@ -30,9 +30,9 @@ import struct
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from wormholed.netns import Netns, make_socket
+from wormholed.netns import Netns, hostport, make_socket
 
-__all__ = ["Stats", "Connect", "TcpProxy", "dial", "resolve", "hostport"]
+__all__ = ["Stats", "Connect", "FinishConnect", "TcpProxy", "dial", "resolve"]
 
 _log = logging.getLogger("wormholed.proxy.tcp")
 
@@ -490,10 +490,6 @@ async def resolve(host: str, port: int, type: int) -> tuple[int, tuple]:
         raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host!r}: {exc.strerror}") from None
     family, _, _, _, addr = infos[0]
     return family, addr
-
-
-def hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _wake(fut: asyncio.Future) -> None:

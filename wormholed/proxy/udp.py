@@ -15,8 +15,8 @@ import logging
 import socket
 from typing import Awaitable, Callable
 
-from wormholed.netns import Netns, make_socket
-from wormholed.proxy.tcp import Stats, hostport, resolve
+from wormholed.netns import Netns, hostport, make_socket
+from wormholed.proxy.tcp import Stats, resolve
 
 __all__ = ["OpenFlow", "UdpProxy", "dial_udp"]
 
