@@ -35,6 +35,8 @@ class Namespace:
         netns.create(name)
         with NetNS(name) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        # IPv6 addresses usable at once (no duplicate address detection on test links)
+        self.exec("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
 
     def exec(self, *argv, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True, **kw)
@@ -67,9 +69,9 @@ class Namespace:
         assert proc.stdout.readline().strip() == b"ready"
         return proc
 
-    def listening(self, port: int) -> bool:
+    def listening(self, port: int, host: str = "127.0.0.1") -> bool:
         try:
-            self.connect(port, timeout=1).close()
+            self.connect(port, host, timeout=1).close()
             return True
         except OSError:
             return False
@@ -157,17 +159,20 @@ class Host(Namespace):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def veth(a: Namespace, a_ip: str, b: Namespace, b_ip: str, prefix: int = 24) -> None:
-    """A veth pair joining two namespaces; removed with them."""
-    ifa, ifb = f"v{a.name}"[-15:], f"v{b.name}"[-15:]
+def veth(a: Namespace, a_ips: str, b: Namespace, b_ips: str) -> None:
+    """A veth pair joining two namespaces, with addresses like "192.0.2.1/24,2001:db8::1/64";
+    removed with the namespaces."""
+    ifa, ifb = f"{a.name}-{b.name}"[-15:], f"{b.name}-{a.name}"[-15:]
     with IPRoute() as ip:
         ip.link("add", ifname=ifa, kind="veth", peer=ifb)
         for ifname, ns in ((ifa, a), (ifb, b)):
             ip.link("set", index=ip.link_lookup(ifname=ifname)[0], net_ns_fd=ns.name)
-    for ifname, ns, addr in ((ifa, a, a_ip), (ifb, b, b_ip)):
+    for ifname, ns, addrs in ((ifa, a, a_ips), (ifb, b, b_ips)):
         with NetNS(ns.name) as n:
             idx = n.link_lookup(ifname=ifname)[0]
-            n.addr("add", index=idx, address=addr, prefixlen=prefix if ":" not in addr else 64)
+            for addr in addrs.split(","):
+                ip, prefix = addr.split("/")
+                n.addr("add", index=idx, address=ip, prefixlen=int(prefix))
             n.link("set", index=idx, state="up")
 
 

@@ -230,3 +230,8 @@ def test_readme_examples_parse():
         "url :80 trigger docker-run wormhole/wordpress child url :3306 tunnel myserver trigger docker-run wormhole/mysql",
     ):
         P(text.replace("$", "c-"))
+
+
+def test_a_remote_child_may_have_no_words():
+    p = plan(parse([], child=True), Context(service_port=3306, head_host="192.0.2.2"))
+    assert p.head.host == "192.0.2.2" and p.head.port is None and p.tail.port == 3306

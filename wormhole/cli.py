@@ -111,23 +111,27 @@ def create(obj: Ctx, words):
 @click.argument("id")
 @click.pass_obj
 def delete(obj: Ctx, id):
-    """Delete wormhole ID with its children, containers and connections."""
-    obj.call("delete", {"id": id})
+    """Delete wormhole ID with its children (local and remote), containers and connections."""
+    for warning in obj.call("delete", {"id": id}).get("warnings", []):
+        click.echo(f"wormhole: warning: {warning}", err=True)
 
 
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def list_(obj: Ctx, as_json):
-    """Wormholes: id, head, tail, state (armed/active), connections, bytes."""
+    """Wormholes: id, head, tail, state (armed/active), connections (live/total), bytes, child.
+
+    CHILD is the child wormhole's id, ID@HOST when it lives on another daemon."""
     rows = obj.call("list")
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    table = [("ID", "HEAD", "TAIL", "STATE", "CONNS", "BYTES IN/OUT")]
+    table = [("ID", "HEAD", "TAIL", "STATE", "CONNS", "BYTES IN/OUT", "CHILD")]
     for r in rows:
+        child = r.get("child") or (f"(on {r['remote']})" if r.get("remote") else "-")
         table.append((r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}",
-                      f"{r['bytes_in']}/{r['bytes_out']}"))
+                      f"{r['bytes_in']}/{r['bytes_out']}", child))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -188,10 +188,12 @@ class SegmentSpec:
 # --- parsing -----------------------------------------------------------------
 
 
-def parse(words: list[str] | tuple[str, ...]) -> SegmentSpec:
-    """Read create's words left to right into a SegmentSpec chain."""
+def parse(words: list[str] | tuple[str, ...], *, child: bool = False) -> SegmentSpec:
+    """Read create's words left to right into a SegmentSpec chain.
+
+    `child`: the words of a remote child, which may be none at all (`remote HOST`)."""
     words = tuple(words)
-    if not words:
+    if not words and not child:
         raise SpecError("nothing to create: give words such as 'url :8080 tail url :80'")
     return _parse_segment(words, 0)
 

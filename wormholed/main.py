@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -21,6 +22,8 @@ from wormhole.keys import DEFAULT_KEYFILE, KeyFileError, load_key
 
 from . import systemd
 from .api import ControlServer, methods
+from .peers import Peers
+from .segments import Env, Places
 from .state import StateDir
 from .wormholes import Wormholes
 
@@ -82,11 +85,19 @@ def bind(addr: Address) -> socket.socket:
     return sock
 
 
+def raise_fd_limit() -> None:
+    """Each relayed connection holds 2 sockets and up to 4 pipe fds: allow the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run(config: Config) -> None:
+    raise_fd_limit()
     state = StateDir(config.state_dir)
     state.ensure()
-    wormholes = Wormholes(state)
-    control = ControlServer(methods(wormholes), config.key)
+    wormholes = Wormholes(state, Env(Places(), Peers(config.key)))
+    control = ControlServer(methods(wormholes, Peers(config.key)), config.key)
     socks = list(config.inherited)
     made = []
     try:

@@ -16,10 +16,11 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from wormhole.protocol import Failed, Refused
+from wormhole.protocol import Failed, Refused, RpcError
 from wormhole.spec import HOST, Endpoint, Place, Plan
 
 from .netns import Netns, NetnsError, make_socket
+from .peers import Peers
 from .proxy.tcp import Stats, TcpProxy, dial
 from .proxy.udp import UdpProxy, dial_udp
 
@@ -28,7 +29,6 @@ log = logging.getLogger("wormholed")
 NOT_YET = {
     "docker-ns": "'docker-ns' needs Docker support, which this wormholed does not have yet",
     "docker-run": "'docker-run' needs Docker support, which this wormholed does not have yet",
-    "remote": "'remote' needs peer support, which this wormholed does not have yet",
     "tunnel": "'tunnel' needs tunnel support, which this wormholed does not have yet",
     "udptunnel": "'udptunnel' needs tunnel support, which this wormholed does not have yet",
 }
@@ -62,6 +62,14 @@ class Places:
         raise Refused(NOT_YET.get(place.kind, f"unknown place {place}"))
 
 
+@dataclass
+class Env:
+    """What segments use from the daemon: namespaces, peers, and where warnings go."""
+
+    places: Places
+    peers: Peers | None = None
+
+
 def child_id(plan: Plan, parent_id: str) -> str:
     return plan.id or f"{parent_id}.1"
 
@@ -72,6 +80,10 @@ def chain_ids(plan: Plan, root_id: str) -> list[str]:
     for p in list(plan.chain())[1:]:
         ids.append(child_id(p, ids[-1]))
     return ids
+
+
+def remote_child_id(plan: Plan, parent_id: str) -> str:
+    return plan.link.spec.id or f"{parent_id}.1"
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -99,10 +111,10 @@ class Target:
 
 
 class Segment:
-    def __init__(self, plan: Plan, ident: str, places: Places, *, parent: Segment | None = None,
-                 inherited: dict[Place, Netns | None] | None = None):
-        self.plan, self.id, self.parent = plan, ident, parent
-        self._places = places
+    def __init__(self, plan: Plan, ident: str, env: Env, *, parent: Segment | None = None,
+                 inherited: dict[Place, Netns | None] | None = None, owner: str | None = None):
+        self.plan, self.id, self.parent, self.owner = plan, ident, parent, owner
+        self._env = env
         self._inherited = inherited or {}
         self._stack = contextlib.AsyncExitStack()  # head side: lives as long as the segment
         self._armed_stack: contextlib.AsyncExitStack | None = None  # tail side + child
@@ -112,6 +124,8 @@ class Segment:
         self.head_port = 0
         self.target: Target | None = None
         self.child: Segment | None = None
+        self.remote: tuple[str, str] | None = None  # (host, id) of a child on another daemon
+        self.warnings: list[str] = []  # what teardown could not undo (an unreachable peer)
         self.stats = Stats()
         self._proxy: TcpProxy | UdpProxy | None = None
         self._closed = False
@@ -129,7 +143,7 @@ class Segment:
     async def _open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
         if place in self._inherited:
             return self._inherited[place]
-        return await self._places.open(place, stack)
+        return await self._env.places.open(place, stack)
 
     async def start(self) -> None:
         """Listen, and unless triggered build the tail side; on failure nothing is left."""
@@ -166,11 +180,13 @@ class Segment:
             tail_ns = await self._open(tail.place, stack)
             child = None
             if self.plan.child is not None:
-                child = Segment(self.plan.child, child_id(self.plan.child, self.id), self._places, parent=self,
+                child = Segment(self.plan.child, child_id(self.plan.child, self.id), self._env, parent=self,
                                 inherited={tail.place: tail_ns})
                 await child.start()
                 stack.push_async_callback(child.aclose)
-            if self.plan.linked:
+            if self.plan.link is not None and self.plan.link.remote:
+                target = await self._remote_child(stack)
+            elif self.plan.linked:
                 target = Target(child.head_ns, child.plan.head.host, child.head_port)
             else:
                 target = Target(tail_ns, tail.host, tail.port)
@@ -178,6 +194,25 @@ class Segment:
             await stack.aclose()
             raise
         self._armed_stack, self.child, self.target = stack, child, target
+
+    async def _remote_child(self, stack: contextlib.AsyncExitStack) -> Target:
+        """Have the peer build the child; its head is where our tail dials."""
+        link = self.plan.link
+        ident = remote_child_id(self.plan, self.id)
+        res = await self._env.peers.call(link.host, "child", {
+            "words": list(link.words), "id": ident, "service_port": self.plan.service_port,
+            "proto": self.plan.tail.proto, "owner": f"{socket.gethostname()}:{self.id}",
+        })
+        self.remote = (link.host, res["id"])
+        stack.push_async_callback(self._delete_remote, link.host, res["id"])
+        return Target(None, res["host"], res["port"])
+
+    async def _delete_remote(self, host: str, ident: str) -> None:
+        try:
+            await self._env.peers.call(host, "delete", {"id": ident})
+        except RpcError as e:
+            self.warnings.append(f"the remote half {ident!r} on {host} could not be deleted: {e}")
+            log.warning("wormhole %s: %s", self.id, self.warnings[-1])
 
     async def _trigger(self) -> None:
         """Run the trigger once; connections that arrive meanwhile wait for the same run."""
@@ -201,7 +236,7 @@ class Segment:
 
     async def _connect_tail(self) -> socket.socket:
         t = await self._target()
-        return await dial(t.ns, t.host, t.port)
+        return await dial(t.ns, t.host, t.port, wait=self._proxy.finish_connect)
 
     async def _open_flow(self) -> socket.socket:
         t = await self._target()
@@ -209,8 +244,14 @@ class Segment:
 
     def describe(self) -> dict:
         tail = self.target.url(self.plan.tail.proto) if self.target else _pending(self.plan.tail)
+        child = None
+        if self.remote:
+            child = f"{self.remote[1]}@{self.remote[0]}"
+        elif self.child:
+            child = self.child.id
         return {
-            "id": self.id, "parent": self.parent.id if self.parent else None,
+            "id": self.id, "parent": self.parent.id if self.parent else self.owner, "child": child,
+            "remote": self.plan.link.host if self.plan.link and self.plan.link.remote else None,
             "head": self.head_url, "tail": tail, "state": self.state,
             "connections": self.stats.connections, "total": self.stats.total,
             "bytes_in": self.stats.bytes_in, "bytes_out": self.stats.bytes_out,
@@ -230,6 +271,8 @@ class Segment:
         if self._armed_stack is not None:
             await self._armed_stack.aclose()
         await self._stack.aclose()
+        for seg in list(self.chain())[1:]:
+            self.warnings.extend(seg.warnings)
 
 
 def _pending(tail: Endpoint) -> str:

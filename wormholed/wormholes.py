@@ -6,18 +6,18 @@ import logging
 import uuid
 
 from wormhole.protocol import Refused, RpcError
-from wormhole.spec import Plan, SpecError, parse, plan
+from wormhole.spec import Context, Plan, SpecError, parse, plan
 
-from .segments import Places, Segment, chain_ids, check_supported
+from .segments import Env, Places, Segment, chain_ids, check_supported
 from .state import StateDir
 
 log = logging.getLogger("wormholed")
 
 
 class Wormholes:
-    def __init__(self, state: StateDir, places: Places | None = None):
+    def __init__(self, state: StateDir, env: Env | None = None):
         self._state = state
-        self._places = places or Places()
+        self._env = env or Env(Places())
         self._roots: dict[str, Segment | None] = {}  # None: being built (id reserved)
 
     def _taken(self) -> set[str]:
@@ -26,9 +26,11 @@ class Wormholes:
             taken.update(chain_ids(root.plan, ident) if root else [ident])
         return taken
 
-    async def create(self, words: list[str], ident: str | None = None, *, save: bool = True) -> dict:
+    async def create(self, words: list[str], ident: str | None = None, *, ctx: Context = Context(),
+                     save: bool = True, owner: str | None = None) -> dict:
+        """Build a wormhole; `owner` marks a remote child (kept only while its parent wants it)."""
         try:
-            p: Plan = plan(parse(words))
+            p: Plan = plan(parse(words, child=owner is not None), ctx)
         except SpecError as e:
             raise Refused(str(e)) from None
         check_supported(p)
@@ -38,7 +40,7 @@ class Wormholes:
         if clash:
             raise Refused(f"a wormhole with id {clash[0]!r} already exists")
         self._roots[root_id] = None
-        seg = Segment(p, root_id, self._places)
+        seg = Segment(p, root_id, self._env, owner=owner)
         try:
             await seg.start()
             if save:
@@ -49,7 +51,7 @@ class Wormholes:
             raise
         self._roots[root_id] = seg
         log.info("wormhole %s: %s -> %s", root_id, seg.head_url, seg.describe()["tail"])
-        return {"id": root_id, "url": seg.head_url}
+        return {"id": root_id, "url": seg.head_url, "host": seg.plan.head.host, "port": seg.head_port}
 
     async def delete(self, ident: str) -> dict:
         seg = self._roots.get(ident)
@@ -62,7 +64,7 @@ class Wormholes:
         self._state.remove(ident)
         await seg.aclose()
         log.info("wormhole %s: deleted", ident)
-        return {"id": ident}
+        return {"id": ident, "warnings": seg.warnings}
 
     def list(self) -> list[dict]:
         return [s.describe() for root in self._roots.values() if root for s in root.chain()]

@@ -1,0 +1,130 @@
+"""Wormholes that span hosts (issue 3): test hosts joined by veth, each its own daemon and key."""
+
+import os
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from harness import recv_all, veth
+from test_wormholes import port_of, refused, roundtrip
+
+
+@pytest.fixture
+def pair(make_host):
+    """h1 (192.0.2.1, 2001:db8::1) <-> h2 (192.0.2.2, 2001:db8::2), same key."""
+    h1 = make_host(key="shared-key")
+    h2 = make_host(key="shared-key")
+    veth(h1, "192.0.2.1/24,2001:db8::1/64", h2, "192.0.2.2/24,2001:db8::2/64")
+    return h1, h2
+
+
+def test_ping_through_to_the_peer(pair):
+    h1, h2 = pair
+    out = h1.ok("ping", "192.0.2.2")
+    assert re.fullmatch(r"\d+\.\d+\n", out)
+
+
+def test_remote_wormhole_carries_a_mebibyte_with_half_close(pair):
+    h1, h2 = pair
+    h2.echo_server(3306)
+    ident, url = h1.create("id", "db", "url", ":3306", "remote", "192.0.2.2")
+    assert url == "tcp://127.0.0.1:3306"
+    [far] = h2.list()
+    assert far["id"] == "db.1" and far["head"].startswith("tcp://192.0.2.2:")
+    assert far["tail"] == "tcp://127.0.0.1:3306", "the service-port rule carries 3306 across"
+    [near] = h1.list()
+    assert near["child"] == "db.1@192.0.2.2" and near["remote"] == "192.0.2.2"
+    assert near["tail"] == far["head"]
+    assert "db.1@192.0.2.2" in h1.ok("list")
+    data = os.urandom(1 << 20)
+    with h1.connect(3306) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == data
+    assert h1.list()[0]["bytes_in"] == h1.list()[0]["bytes_out"] == len(data)
+
+
+def test_remote_with_explicit_tail_url(pair):
+    h1, h2 = pair
+    h2.echo_server(3307)
+    h1.create("url", ":3307", "remote", "192.0.2.2", "tail", "url", ":3307")
+    assert roundtrip(h1, 3307) == b"hello wormhole"
+
+
+def test_trigger_remote_builds_the_child_on_first_connection(pair):
+    h1, h2 = pair
+    h2.echo_server(7001)
+    h1.create("id", "lazy", "url", ":8001", "trigger", "remote", "192.0.2.2", "tail", "url", ":7001")
+    assert h2.list() == [] and h1.list()[0]["state"] == "armed"
+    assert roundtrip(h1, 8001) == b"hello wormhole"
+    assert [r["id"] for r in h2.list()] == ["lazy.1"]
+
+
+def test_delete_cascades_to_the_far_host(pair):
+    h1, h2 = pair
+    h2.echo_server(7002)
+    h1.create("id", "casc", "url", ":8002", "remote", "192.0.2.2", "tail", "url", ":7002")
+    far_port = port_of(h2.list()[0]["head"])
+    r = h1.wormhole("delete", "casc")
+    assert r.returncode == 0 and r.stderr == ""
+    assert h2.list() == [] and not h2.listening(far_port, "192.0.2.2")
+
+
+def test_daemon_shutdown_removes_remote_children(pair):
+    h1, h2 = pair
+    h1.create("id", "sd", "url", ":8003", "remote", "192.0.2.2", "tail", "url", ":7003")
+    assert len(h2.list()) == 1
+    assert h1.stop() == 0
+    assert h2.list() == []
+
+
+def test_far_daemon_killed_then_local_delete(pair):
+    h1, h2 = pair
+    h1.create("id", "orphan", "url", ":8004", "remote", "192.0.2.2", "tail", "url", ":7004")
+    h2.stop(signal.SIGKILL)
+    r = h1.wormhole("delete", "orphan")
+    assert r.returncode == 0
+    assert "192.0.2.2" in r.stderr and "could not be deleted" in r.stderr and r.stderr.count("\n") == 1
+    assert h1.list() == [] and not h1.listening(8004)
+
+
+def test_wrong_key_peer(pair, make_host):
+    h1, _ = pair
+    h3 = make_host(key="another-key")
+    veth(h1, "198.51.100.1/24", h3, "198.51.100.3/24")
+    r = h1.wormhole("create", "url", ":8005", "remote", "198.51.100.3", "tail", "url", ":7005")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "198.51.100.3" in r.stderr and "key" in r.stderr
+    assert h1.list() == [] and h3.list() == [] and not h1.listening(8005)
+    r = h1.wormhole("ping", "198.51.100.3")
+    assert r.returncode == 1 and "198.51.100.3" in r.stderr
+
+
+def test_unreachable_peer_fails_within_seconds(pair):
+    h1, _ = pair
+    start = time.monotonic()
+    r = h1.wormhole("create", "url", ":8006", "remote", "192.0.2.99", "tail", "url", ":7006")
+    elapsed = time.monotonic() - start
+    assert r.returncode == 1 and "192.0.2.99" in r.stderr and r.stderr.count("\n") == 1
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert h1.list() == [] and not h1.listening(8006)
+
+
+def test_peer_refusing_the_child_spec(pair):
+    h1, h2 = pair
+    r = h1.wormhole("create", "url", ":8007", "remote", "192.0.2.2", "tail", "url", "nosuchns@:7007")
+    assert r.returncode == 1 and "192.0.2.2" in r.stderr and "nosuchns" in r.stderr
+    assert h1.list() == [] and h2.list() == [] and not h1.listening(8007)
+
+
+def test_ipv6_peer(pair):
+    h1, h2 = pair
+    h2.echo_server(7008, host="::1")
+    _, url = h1.create("url", ":8008", "remote", "[2001:db8::2]:9999", "tail", "url", "[::1]:7008")
+    [far] = h2.list()
+    assert far["head"].startswith("tcp://[2001:db8::2]:")
+    assert roundtrip(h1, 8008) == b"hello wormhole"
+    assert re.fullmatch(r"\d+\.\d+\n", h1.ok("ping", "[2001:db8::2]"))
