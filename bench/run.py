@@ -127,6 +127,8 @@ class Row:
     name: str
     bps: float | None = None  # iperf3 throughput, bits/s
     conn_per_s: float | None = None  # wrk requests/s with one connection each
+    cpu_s_per_gb: float | None = None  # the proxy's CPU seconds per GB relayed (iperf3)
+    cpu_us_per_conn: float | None = None  # the proxy's CPU microseconds per connection (wrk)
     error: str | None = None  # whole row unavailable (e.g. daemon did not start)
     notes: dict[str, str] = dataclasses.field(default_factory=dict)  # per column
 
@@ -137,13 +139,24 @@ def _ratio(value: float | None, anchor: float | None) -> str:
     return f"{value / anchor:.2f}"
 
 
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def proc_cpu_seconds(stat: str, ticks: int) -> float:
+    """utime+stime+cutime+cstime from a /proc/PID/stat line (children: socat's forks)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / ticks
+
+
 def format_table(rows: list[Row], header: str = "") -> str:
     """The side-by-side table; ratios are against the 'direct' row."""
     direct = next((r for r in rows if r.name == "direct"), None)
     anchor_bps = direct.bps if direct and not direct.error else None
     anchor_cps = direct.conn_per_s if direct and not direct.error else None
     width = max([len("proxy")] + [len(r.name) for r in rows])
-    cols = f"{'throughput Gbit/s':>18} {'ratio':>6} {'conn/s':>9} {'ratio':>6}"
+    cols = (f"{'throughput Gbit/s':>18} {'ratio':>6} {'conn/s':>9} {'ratio':>6}"
+            f" {'CPU s/GB':>9} {'CPU us/conn':>12}")
     lines = [header] if header else []
     lines.append(f"{'proxy':<{width}}  {cols}")
     lines.append("-" * (width + 2 + len(cols)))
@@ -165,7 +178,8 @@ def format_table(rows: list[Row], header: str = "") -> str:
                 footnotes.append(f"{row.name} {key}: {row.notes[key]}")
                 text += f" [{len(footnotes)}]"
             cells.append(f"{text:>{w}} {_ratio(value, anchor):>6}")
-        lines.append(f"{row.name:<{width}}  {cells[0]} {cells[1]}")
+        cpu = (f"{_num(row.cpu_s_per_gb, '{:.3f}'):>9} {_num(row.cpu_us_per_conn, '{:.0f}'):>12}")
+        lines.append(f"{row.name:<{width}}  {cells[0]} {cells[1]} {cpu}")
     for i, note in enumerate(footnotes, 1):
         lines.append(f"[{i}] {note}")
     return "\n".join(lines)
@@ -182,6 +196,8 @@ def rows_to_json(rows: list[Row], meta: dict) -> str:
             "conn_per_s": r.conn_per_s,
             "conn_ratio": (r.conn_per_s / direct.conn_per_s
                            if direct and direct.conn_per_s and r.conn_per_s is not None else None),
+            "cpu_s_per_gb": r.cpu_s_per_gb,
+            "cpu_us_per_conn": r.cpu_us_per_conn,
             "error": r.error,
             "notes": r.notes,
         })
@@ -386,8 +402,8 @@ def measure_conn_rate(port: int, duration: float) -> WrkResult:
 
 
 @contextlib.contextmanager
-def direct(tmp: Path, target: int) -> Iterator[int]:
-    yield target
+def direct(tmp: Path, target: int) -> Iterator[tuple[int, int | None]]:
+    yield target, None
 
 
 @contextlib.contextmanager
@@ -396,7 +412,7 @@ def socket_proxyd(tmp: Path, target: int) -> Iterator[int]:
     argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", PROXYD, f"127.0.0.1:{target}"]
     with Proc(f"socket-proxyd-{target}", argv, tmp) as p:
         wait_listening(port, p)
-        yield port
+        yield port, p.popen.pid
 
 
 HAPROXY_CFG = """\
@@ -425,7 +441,7 @@ def haproxy(tmp: Path, target: int) -> Iterator[int]:
     cfg.write_text(HAPROXY_CFG.format(port=port, target=target))
     with Proc(f"haproxy-{target}", ["haproxy", "-f", cfg, "-db"], tmp) as p:
         wait_listening(port, p)
-        yield port
+        yield port, p.popen.pid
 
 
 @contextlib.contextmanager
@@ -434,7 +450,7 @@ def socat(tmp: Path, target: int) -> Iterator[int]:
     argv = ["socat", f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"TCP:127.0.0.1:{target}"]
     with Proc(f"socat-{target}", argv, tmp) as p:
         wait_listening(port, p)
-        yield port
+        yield port, p.popen.pid
 
 
 class Wormhole:
@@ -490,7 +506,7 @@ class Wormhole:
         wid, _host, port = parse_create_output(res.stdout)
         try:
             wait_listening(port, self.proc)
-            yield port
+            yield port, self.proc.popen.pid
         finally:
             with contextlib.suppress(BenchError):
                 self.cli("delete", wid)
@@ -500,7 +516,29 @@ class Wormhole:
 # The run
 
 
-Proxy = Callable[[Path, int], ContextManager[int]]
+Proxy = Callable[[Path, int], ContextManager[tuple[int, int | None]]]  # (port, pid)
+
+
+def cpu_meter(pid: int | None) -> Callable[[], float | None]:
+    """Start counting pid's CPU time; the returned function gives the seconds used since."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return proc_cpu_seconds(f.read(), ticks)
+        except (OSError, TypeError):
+            return None
+
+    start = read() if pid else None
+    if start is None:
+        return lambda: None
+
+    def used() -> float | None:
+        time.sleep(0.2)  # let socat reap the children that served the run
+        now = read()
+        return None if now is None else now - start
+    return used
 
 
 def measure_row(name: str, proxy: Proxy, tmp: Path, iperf_port: int | None,
@@ -508,12 +546,16 @@ def measure_row(name: str, proxy: Proxy, tmp: Path, iperf_port: int | None,
     row = Row(name)
     if iperf_port is not None:
         try:
-            with proxy(tmp, iperf_port) as port:
+            with proxy(tmp, iperf_port) as (port, pid):
                 log(f"{name}: iperf3 through port {port}")
                 # iperf3 -s serves one client at a time: let the connection the
                 # readiness probe opened through the proxy reach it and close.
                 time.sleep(SETTLE)
+                cpu = cpu_meter(pid)
                 row.bps = measure_throughput(port, duration)
+                used = cpu()
+                if used is not None and row.bps:
+                    row.cpu_s_per_gb = used / (row.bps * duration / 8 / 1e9)
         except Retried as exc:
             row.bps = exc.value
             row.notes["throughput"] = f"second attempt; the first failed: {exc}"
@@ -521,11 +563,15 @@ def measure_row(name: str, proxy: Proxy, tmp: Path, iperf_port: int | None,
             row.notes["throughput"] = str(exc)
     if nginx_port is not None:
         try:
-            with proxy(tmp, nginx_port) as port:
+            with proxy(tmp, nginx_port) as (port, pid):
                 log(f"{name}: wrk through port {port}")
                 time.sleep(SETTLE)
+                cpu = cpu_meter(pid)
                 w = measure_conn_rate(port, duration)
                 row.conn_per_s = w.requests_per_sec
+                used = cpu()
+                if used is not None and w.requests:
+                    row.cpu_us_per_conn = used / w.requests * 1e6
                 if w.socket_errors or w.non_2xx:
                     row.notes["conn/s"] = (f"{w.socket_errors} socket errors, "
                                            f"{w.non_2xx} non-2xx of {w.requests} requests")

@@ -174,8 +174,8 @@ def test_table_values_and_ratios():
     lines = format_table(ROWS).splitlines()
     direct = next(l for l in lines if l.startswith("direct"))
     socat = next(l for l in lines if l.startswith("socat"))
-    assert direct.split() == ["direct", "20.00", "1.00", "14000", "1.00"]
-    assert socat.split() == ["socat", "5.00", "0.25", "1750", "0.12"]
+    assert direct.split() == ["direct", "20.00", "1.00", "14000", "1.00", "-", "-"]
+    assert socat.split() == ["socat", "5.00", "0.25", "1750", "0.12", "-", "-"]
 
 
 def test_table_unavailable_row_and_footnotes():
@@ -184,7 +184,7 @@ def test_table_unavailable_row_and_footnotes():
     assert lines[0] == "HEADER"
     assert "wormhole" in text and "n/a (wormholed did not answer ping within 10 s)" in text
     haproxy = next(l for l in lines if l.startswith("haproxy"))
-    assert haproxy.split() == ["haproxy", "10.00", "0.50", "n/a", "[1]", "n/a"]
+    assert haproxy.split() == ["haproxy", "10.00", "0.50", "n/a", "[1]", "n/a", "-", "-"]
     assert lines[-1] == "[1] haproxy conn/s: haproxy exited with 1"
 
 
@@ -195,7 +195,7 @@ def test_table_columns_align():
 
 def test_table_without_direct_has_no_ratios():
     line = format_table([Row("socat", bps=5e9, conn_per_s=1750.0)]).splitlines()[-1]
-    assert line.split() == ["socat", "5.00", "n/a", "1750", "n/a"]
+    assert line.split() == ["socat", "5.00", "n/a", "1750", "n/a", "-", "-"]
 
 
 def test_json():
@@ -206,3 +206,18 @@ def test_json():
     assert by_name["socat"]["conn_ratio"] == 0.125
     assert by_name["wormhole"]["error"].startswith("wormholed")
     assert by_name["haproxy"]["conn_per_s"] is None and by_name["haproxy"]["conn_ratio"] is None
+
+
+def test_proc_cpu_seconds_sums_own_and_reaped_children_time():
+    from run import proc_cpu_seconds
+    # pid (comm with ) spaces) state ppid ... utime=14 stime=15 cutime=16 cstime=17 (1-based fields)
+    stat = "42 (a ) b) S 1 1 1 0 -1 4194560 100 0 0 0 250 50 30 20 20 0 1 0 100 0 0"
+    assert proc_cpu_seconds(stat, 100) == (250 + 50 + 30 + 20) / 100
+
+
+def test_table_shows_proxy_cpu():
+    from run import Row
+    rows = [Row("direct", bps=2e10, conn_per_s=14000),
+            Row("wormhole", bps=1e10, conn_per_s=7000, cpu_s_per_gb=0.3, cpu_us_per_conn=155.4)]
+    line = next(l for l in format_table(rows).splitlines() if l.startswith("wormhole"))
+    assert line.split() == ["wormhole", "10.00", "0.50", "7000", "0.50", "0.300", "155"]
