@@ -15,6 +15,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from .docker_args import RunArgsError, parse_run_args
+
 PROTOS = ("tcp", "udp")
 CHAIN_WORDS = ("child", "chain", "remote", "tunnel", "udptunnel")
 REMOTE_WORDS = ("remote", "tunnel", "udptunnel")
@@ -220,6 +222,10 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
         elif word == "docker-run":
             if not arg.strip():
                 raise SpecError("'docker-run' needs the arguments of 'docker run' as one quoted word")
+            try:
+                parse_run_args(arg)
+            except RunArgsError as e:
+                raise SpecError(str(e)) from None
             fields[side] = dataclasses.replace(fields[side], place=Place("docker-run", arg.strip()))
         elif word == "tail":
             side = "tail"

@@ -22,6 +22,7 @@ from wormhole.keys import DEFAULT_KEYFILE, KeyFileError, load_key
 
 from . import systemd
 from .api import ControlServer, methods
+from .docker import Docker
 from .peers import Peers
 from .segments import Env, Places
 from .state import StateDir
@@ -96,7 +97,8 @@ async def run(config: Config) -> None:
     raise_fd_limit()
     state = StateDir(config.state_dir)
     state.ensure()
-    wormholes = Wormholes(state, Env(Places(), Peers(config.key)))
+    docker = Docker(state.daemon_id())
+    wormholes = Wormholes(state, Env(Places(docker), Peers(config.key)))
     control = ControlServer(methods(wormholes, Peers(config.key)), config.key)
     socks = list(config.inherited)
     made = []
@@ -114,6 +116,7 @@ async def run(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await docker.remove_strays()
         await wormholes.restore()
         where = ", ".join(str(a) for a in config.addrs) or f"{len(config.inherited)} socket(s) from systemd"
         log.info("listening on %s", where)

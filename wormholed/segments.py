@@ -16,9 +16,11 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from wormhole.docker_args import parse_run_args
 from wormhole.protocol import Failed, Refused, RpcError
 from wormhole.spec import HOST, Endpoint, Place, Plan
 
+from .docker import Docker
 from .netns import Netns, NetnsError, make_socket
 from .peers import Peers
 from .proxy.tcp import Stats, TcpProxy, dial
@@ -27,8 +29,6 @@ from .proxy.udp import UdpProxy, dial_udp
 log = logging.getLogger("wormholed")
 
 NOT_YET = {
-    "docker-ns": "'docker-ns' needs Docker support, which this wormholed does not have yet",
-    "docker-run": "'docker-run' needs Docker support, which this wormholed does not have yet",
     "tunnel": "'tunnel' needs tunnel support, which this wormholed does not have yet",
     "udptunnel": "'udptunnel' needs tunnel support, which this wormholed does not have yet",
 }
@@ -45,11 +45,13 @@ def check_supported(plan: Plan) -> None:
 
 
 class Places:
-    """Turns a Place into an open Netns (None: the daemon's own namespace).
+    """Turns a Place into an open Netns (None: the daemon's own namespace); what it
+    starts (a container) and opens is undone by `stack`."""
 
-    The seam where Docker containers plug in."""
+    def __init__(self, docker: Docker | None = None):
+        self._docker = docker
 
-    async def open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
+    async def open(self, place: Place, stack: contextlib.AsyncExitStack, owner: str) -> Netns | None:
         if place == HOST:
             return None
         if place.kind == "netns":
@@ -57,9 +59,17 @@ class Places:
                 ns = Netns.named(place.arg)
             except NetnsError as e:
                 raise Refused(str(e)) from None
-            stack.callback(ns.close)
-            return ns
-        raise Refused(NOT_YET.get(place.kind, f"unknown place {place}"))
+        elif self._docker is None:
+            raise Refused(f"{place}: this wormholed has no Docker support")
+        elif place.kind == "docker-ns":
+            ns = await self._docker.netns(place.arg)
+        elif place.kind == "docker-run":
+            cid, ns = await self._docker.run(parse_run_args(place.arg), owner)
+            stack.push_async_callback(self._docker.remove, cid)
+        else:
+            raise Refused(f"unknown place {place}")
+        stack.callback(ns.close)
+        return ns
 
 
 @dataclass
@@ -143,7 +153,7 @@ class Segment:
     async def _open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
         if place in self._inherited:
             return self._inherited[place]
-        return await self._env.places.open(place, stack)
+        return await self._env.places.open(place, stack, self.id)
 
     async def start(self) -> None:
         """Listen, and unless triggered build the tail side; on failure nothing is left."""

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import uuid
 
 log = logging.getLogger("wormholed")
 _SAFE = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -38,6 +39,18 @@ class StateDir:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
+
+    def daemon_id(self) -> str:
+        """This daemon's lasting identity (labels on what it starts), made on first use."""
+        path = os.path.join(self.path, "daemon-id")
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            ident = uuid.uuid4().hex
+            with open(path, "w") as f:
+                f.write(ident + "\n")
+            return ident
 
     def remove(self, ident: str) -> None:
         try:
