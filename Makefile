@@ -25,12 +25,14 @@ unit: install
 functional: deps install
 	$(PY) -m pytest -q functional_tests
 
+# with-docker: a Docker engine (dockerd started when none answers, stopped after only if it
+# was started here) and the images of examples/images/ around the command.
 test: deps install
 	$(PY) -m pytest -q unit_tests
-	$(PY) -m pytest -q functional_tests
+	./scripts/with-docker $(PY) -m pytest -q functional_tests
 
 demo: deps install
-	./examples/demo.sh
+	./scripts/with-docker ./examples/demo.sh
 
 bench: install
 	./scripts/install-deps bench
