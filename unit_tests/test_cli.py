@@ -45,3 +45,10 @@ def test_usage_errors_are_one_line_exit_2(args, msg):
 def test_missing_key_is_one_line_exit_1(tmp_path):
     r = run("-K", str(tmp_path / "none"), "ping")
     assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_words_that_look_like_options_are_words():
+    """A quoted docker-run word such as '-p 80:80 wormhole/x' is not click's -h."""
+    r = run("create", "url", ":80", "tail", "docker-run", "-p 80:80 wormhole/wordpress")
+    assert r.returncode == 2 and "unknown option '-p'" in r.stderr
+    assert run("create", "--help").returncode == 0

@@ -95,7 +95,7 @@ def ping(obj: Ctx, host):
     click.echo(f"{ms:.3f}")
 
 
-@cli.command(help=CREATE_HELP, context_settings={"ignore_unknown_options": True})
+@cli.command(help=CREATE_HELP, context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("words", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def create(obj: Ctx, words):

@@ -1,0 +1,208 @@
+"""Containers (issue 4) against a real dockerd and the stand-in images of examples/images."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+import docker
+import pytest
+
+from harness import ROOT, recv_all, veth
+from test_wormholes import refused, roundtrip
+
+LABEL = "org.wormhole.daemon"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    client = docker.from_env()
+    client.ping()
+    for image in ("wormhole/mysql", "wormhole/wordpress"):
+        client.images.get(image)  # built by examples/images/build.sh (make test does it)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def containers(engine):
+    """Start containers for a test; all removed afterwards."""
+    made = []
+
+    def run(image, **kw):
+        c = engine.containers.run(image, detach=True, **kw)
+        made.append(c)
+        return c
+    yield run
+    for c in made:
+        try:
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def ours(engine, host):
+    daemon_id = (host.state / "daemon-id").read_text().strip()
+    return engine.containers.list(all=True, filters={"label": f"{LABEL}={daemon_id}"})
+
+
+@pytest.fixture
+def sweep(engine):
+    """Containers wormholed started for a test's hosts are gone afterwards, whatever happened."""
+    hosts = []
+    yield hosts.append
+    for host in hosts:
+        if (host.state / "daemon-id").exists():
+            for c in ours(engine, host):
+                c.remove(force=True)
+
+
+def in_container(container, port, data=b"hello container"):
+    """Send bytes to 127.0.0.1:port inside the container's namespace; return the reply."""
+    pid = container.attrs["State"]["Pid"]
+    with open("/proc/thread-self/ns/net") as home, open(f"/proc/{pid}/ns/net") as there:
+        os.setns(there.fileno(), os.CLONE_NEWNET)
+        try:
+            s = socket.socket()
+        finally:
+            os.setns(home.fileno(), os.CLONE_NEWNET)
+    with s:
+        s.settimeout(15)
+        s.connect(("127.0.0.1", port))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return recv_all(s)
+
+
+def test_docker_ns_tail(host, containers):
+    mysql = containers("wormhole/mysql")
+    host.create("url", ":3306", "tail", "docker-ns", mysql.id)
+    assert roundtrip(host, 3306) == b"hello wormhole"
+    assert host.list()[0]["tail"] == f"tcp://docker:{mysql.name}@127.0.0.1:3306"
+
+
+def test_docker_ns_head_by_name(host, containers):
+    app = containers("wormhole/wordpress")
+    host.echo_server(7300)
+    app.reload()
+    host.create("url", ":3306", "docker-ns", app.name, "tail", "url", ":7300")
+    assert in_container(app, 3306) == b"hello container"
+
+
+def test_missing_or_stopped_container_refused(host, containers):
+    r = host.wormhole("create", "url", ":3306", "tail", "docker-ns", "no-such-container")
+    assert r.returncode == 1 and "no container 'no-such-container'" in r.stderr
+    stopped = containers("wormhole/mysql")
+    stopped.stop(timeout=1)
+    r = host.wormhole("create", "url", ":3306", "docker-ns", stopped.id[:12], "tail", "url", ":7000")
+    assert r.returncode == 1 and "is not running" in r.stderr and r.stderr.count("\n") == 1
+    assert host.list() == [] and not host.listening(3306)
+
+
+def test_docker_run_removed_on_delete_and_on_sigterm(host, engine, sweep):
+    sweep(host)
+    name = f"wh-test-{uuid.uuid4().hex[:8]}"
+    host.create("id", "db", "url", ":3306", "tail", "docker-run", f"--name {name} -e ROLE=test wormhole/mysql")
+    [c] = ours(engine, host)
+    assert c.name == name and "ROLE=test" in c.attrs["Config"]["Env"]
+    assert c.labels["org.wormhole.wormhole"] == "db"
+    assert roundtrip(host, 3306) == b"hello wormhole"
+    host.ok("delete", "db")
+    assert ours(engine, host) == []
+    host.create("id", "db2", "url", ":3306", "tail", "docker-run", "wormhole/mysql")
+    assert len(ours(engine, host)) == 1
+    assert host.stop() == 0
+    assert ours(engine, host) == [], "SIGTERM removes the containers wormholes started"
+
+
+def test_trigger_docker_run_starts_exactly_one_container(host, engine, sweep):
+    sweep(host)
+    host.create("id", "lazy", "url", ":3306", "trigger", "docker-run", "wormhole/mysql")
+    assert ours(engine, host) == [] and host.list()[0]["state"] == "armed"
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        replies = list(pool.map(lambda i: roundtrip(host, 3306, b"conn %d" % i), range(10)))
+    assert replies == [b"conn %d" % i for i in range(10)]
+    assert len(ours(engine, host)) == 1
+    host.ok("delete", "lazy")
+    assert ours(engine, host) == []
+
+
+def test_failing_trigger_then_succeeding(host, engine, sweep):
+    sweep(host)
+    tag = f"wormhole/late-{uuid.uuid4().hex[:8]}"
+    host.create("id", "late", "url", ":3306", "trigger", "docker-run", tag)
+    assert refused(host, 3306), "no such image yet: the waiting connection is closed"
+    assert "trigger failed" in host.logs() and tag in host.logs()
+    image = engine.images.get("wormhole/mysql")
+    image.tag(tag)
+    try:
+        assert roundtrip(host, 3306) == b"hello wormhole", "the next connection tries again"
+        assert len(ours(engine, host)) == 1
+    finally:
+        host.ok("delete", "late")
+        engine.images.remove(tag)
+
+
+def test_bad_docker_run_args_refused_by_the_cli(host):
+    r = host.wormhole("create", "url", ":80", "tail", "docker-run", "-p 80:80 wormhole/wordpress")
+    assert r.returncode == 2 and "unknown option '-p'" in r.stderr
+
+
+def run_example(ns, script, env=None, timeout=120):
+    env = {**os.environ, **(env or {})}
+    r = ns.exec(str(ROOT / "examples" / script), env=env, timeout=timeout)
+    assert r.returncode == 0, f"{script} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.mark.parametrize("script,expect", [
+    ("ex1-local-mysql.sh", "echo: hello mysql"),
+    ("ex2-wordpress-to-mysql.sh", "page: wordpress: database ok"),
+    ("ex3-on-demand.sh", "page: wordpress: database ok"),
+])
+def test_readme_examples(host, engine, sweep, script, expect):
+    sweep(host)
+    before = {c.id for c in engine.containers.list(all=True)}
+    assert expect in run_example(host, script)
+    assert host.list() == [], "the example deletes its wormholes"
+    assert {c.id for c in engine.containers.list(all=True)} == before, "and its containers"
+
+
+def test_readme_example_4_remote(make_host, engine, sweep):
+    h1, h2 = make_host(key="k"), make_host(key="k")
+    sweep(h2)
+    veth(h1, "192.0.2.1/24", h2, "192.0.2.2/24")
+    out = run_example(h1, "ex4-remote-mysql.sh",
+                      {"MYSERVER": "192.0.2.2", "MYSERVER_DOCKER": os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")})
+    assert "echo: hello mysql" in out
+    assert h1.list() == [] and h2.list() == []
+
+
+def test_restart_after_a_crash_removes_strays_and_rebuilds(host, engine, sweep):
+    sweep(host)
+    host.create("id", "crashy", "url", ":3306", "tail", "docker-run", "wormhole/mysql")
+    [old] = ours(engine, host)
+    host.stop(signal.SIGKILL)  # no teardown: the container is left behind
+    assert [c.id for c in ours(engine, host)] == [old.id]
+    host.start()
+    assert "removed 1 stray container" in host.logs()
+    [new] = ours(engine, host)
+    assert new.id != old.id, "the stray is gone; the restored wormhole ran its own"
+    assert roundtrip(host, 3306) == b"hello wormhole"
+
+
+def test_docker_host_is_followed(make_host, containers, tmp_path):
+    mysql = containers("wormhole/mysql")
+    link = tmp_path / "engine.sock"
+    link.symlink_to("/var/run/docker.sock")
+    good = make_host(start=False)
+    good.start(env={**os.environ, "DOCKER_HOST": f"unix://{link}"})
+    good.create("url", ":3306", "tail", "docker-ns", mysql.name)
+    assert roundtrip(good, 3306) == b"hello wormhole"
+    bad = make_host(start=False)
+    bad.start(env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
+    r = bad.wormhole("create", "url", ":3306", "tail", "docker-ns", mysql.name)
+    assert r.returncode == 1 and f"unix://{tmp_path}/nothing.sock" in r.stderr and r.stderr.count("\n") == 1
