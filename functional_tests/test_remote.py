@@ -128,3 +128,16 @@ def test_ipv6_peer(pair):
     assert far["head"].startswith("tcp://[2001:db8::2]:")
     assert roundtrip(h1, 8008) == b"hello wormhole"
     assert re.fullmatch(r"\d+\.\d+\n", h1.ok("ping", "[2001:db8::2]"))
+
+
+def test_parent_daemon_crash_and_restart_replaces_its_remote_child(pair):
+    h1, h2 = pair
+    h2.echo_server(7009)
+    h1.create("id", "phoenix", "url", ":8009", "remote", "192.0.2.2", "tail", "url", ":7009")
+    assert len(h2.list()) == 1
+    h1.stop(signal.SIGKILL)  # no teardown: the child on h2 stays
+    assert [r["id"] for r in h2.list()] == ["phoenix.1"]
+    h1.start()  # restores phoenix, whose child replaces the stale one
+    [fresh] = h2.list()
+    assert fresh["id"] == "phoenix.1" and "phoenix.1: replaced at the request of its owner" in h2.logs()
+    assert roundtrip(h1, 8009) == b"hello wormhole"

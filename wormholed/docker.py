@@ -8,6 +8,7 @@ and removes them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -88,7 +89,16 @@ class Docker:
             except BaseException:
                 _remove(container)
                 raise
-        cid, ns = await self._call(f"run {spec.image}", run)
+        started = asyncio.ensure_future(self._call(f"run {spec.image}", run))
+        try:
+            cid, ns = await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # Deleted while the engine starts it: the thread goes on, so wait and undo.
+            with contextlib.suppress(Exception):
+                cid, ns = await started
+                ns.close()
+                await self.remove(cid)
+            raise
         log.info("wormhole %s: started container %s (%s)", wormhole_id, cid[:12], spec.image)
         return cid, ns
 

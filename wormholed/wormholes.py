@@ -35,6 +35,11 @@ class Wormholes:
             raise Refused(str(e)) from None
         check_supported(p)
         root_id = ident or p.id or str(uuid.uuid4())
+        old = self._roots.get(root_id)
+        if owner is not None and old is not None and old.owner == owner:
+            # The parent's daemon restarted and rebuilds its child: the old one is stale.
+            log.info("wormhole %s: replaced at the request of its owner %s", root_id, owner)
+            await self.delete(root_id)
         ids = chain_ids(p, root_id)
         clash = sorted(set(ids) & self._taken()) or sorted({i for i in ids if ids.count(i) > 1})
         if clash:
