@@ -7,13 +7,10 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from harness import WORMHOLE, WORMHOLED, s_client
 

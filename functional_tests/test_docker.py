@@ -4,9 +4,7 @@ import concurrent.futures
 import os
 import signal
 import socket
-import subprocess
 import uuid
-from pathlib import Path
 
 import docker
 import pytest

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from harness import recv_all, veth
-from test_wormholes import port_of, refused, roundtrip
+from test_wormholes import port_of, roundtrip
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Local wormholes end to end: bytes through real daemons in test hosts (DESIGN §4, §6)."""
 
-import json
 import os
 import socket
 import time
