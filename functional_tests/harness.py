@@ -106,20 +106,42 @@ class Host(Namespace):
         os.chmod(path, mode)
 
     def start(self, *args: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
+        """Run wormholed; with `wait`, until it reports READY=1 (after restoring its records)."""
         argv = [WORMHOLED, "-H", self.sock, "-H", "tcp://:9999", "--state-dir", str(self.state), *args]
+        env = dict(env if env is not None else os.environ)
+        notify = None
+        if wait and "NOTIFY_SOCKET" not in env:
+            path = self.dir / "notify.sock"
+            path.unlink(missing_ok=True)
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind(str(path))
+            env["NOTIFY_SOCKET"] = str(path)
         self.daemon = self.popen(*argv, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready(notify)
+            finally:
+                if notify is not None:
+                    notify.close()
         return self.daemon
 
-    def wait_ready(self, timeout: float = 15) -> None:
+    def wait_ready(self, notify: socket.socket | None = None, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
+        if notify is not None:
+            notify.settimeout(0.1)
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise AssertionError(f"wormholed on {self.name} exited {self.daemon.returncode}:\n{self.logs()}")
-            if self.wormhole("ping").returncode == 0:
+            if notify is not None:
+                try:
+                    if notify.recv(100) == b"READY=1":
+                        return
+                except TimeoutError:
+                    pass
+            elif self.wormhole("ping").returncode == 0:
                 return
-            time.sleep(0.1)
+            else:
+                time.sleep(0.1)
         raise AssertionError(f"wormholed on {self.name} not ready after {timeout} s:\n{self.logs()}")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15) -> int | None:

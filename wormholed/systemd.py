@@ -27,13 +27,17 @@ def listen_sockets() -> list[socket.socket]:
 
 
 def notify(state: str) -> bool:
-    """Send e.g. 'READY=1' to the service manager; False when there is none."""
+    """Send e.g. 'READY=1' to the service manager; False when there is none or it is gone
+    (a notification is never worth failing the daemon for)."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(path)
-        s.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError:
+        return False
     return True

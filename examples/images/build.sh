@@ -2,7 +2,7 @@
 # Builds the stand-in images the demo and the functional tests run, without any registry:
 # `docker import` of a rootfs made of busybox-static (DESIGN §9).
 #
-#   wormhole/mysql      an echo service on 0.0.0.0:3306 (nc -ll -p 3306 -e /bin/cat)
+#   wormhole/mysql      an echo service on 0.0.0.0:3306 (nc -ll...l -p 3306 -e /bin/cat)
 #   wormhole/wordpress  busybox httpd on 0.0.0.0:80; GET / connects to 127.0.0.1:3306 inside
 #                       the container, sends a line and waits for its echo: 200
 #                       "wordpress: database ok" when it comes back, else 503
@@ -79,10 +79,15 @@ tar -C "$root" -cf "$root.tar" --owner=0 --group=0 --numeric-owner .
 cmd() {
     printf '["/bin/sh", "-c", "trap \\"exit 0\\" TERM INT; %s & wait"]' "$*"
 }
+# busybox nc listens with a backlog of as many connections as it was given -l flags:
+# `-ll` (serve forever) queues only 2, and a burst of concurrent connections overflows
+# that queue, where the kernel can deliver a connection's FIN but not its data (seen:
+# empty replies when ten clients connect while the container starts). 32 l's: 32 queued.
+backlog=$(printf 'l%.0s' $(seq 32))
 docker import \
     --change "LABEL $label=$hash" \
     --change 'EXPOSE 3306/tcp' \
-    --change "CMD $(cmd /bin/nc -ll -p 3306 -e /bin/cat)" \
+    --change "CMD $(cmd /bin/nc -$backlog -p 3306 -e /bin/cat)" \
     "$root.tar" wormhole/mysql >/dev/null
 docker import \
     --change "LABEL $label=$hash" \
