@@ -9,7 +9,7 @@ import time
 import pytest
 
 from harness import recv_all, veth
-from test_wormholes import port_of, roundtrip
+from test_wormholes import port_of, refused, roundtrip
 
 
 @pytest.fixture
@@ -141,3 +141,18 @@ def test_parent_daemon_crash_and_restart_replaces_its_remote_child(pair):
     [fresh] = h2.list()
     assert fresh["id"] == "phoenix.1" and "phoenix.1: replaced at the request of its owner" in h2.logs()
     assert roundtrip(h1, 8009) == b"hello wormhole"
+
+
+def test_remote_child_is_rebuilt_after_the_peer_restarts(pair):
+    h1, h2 = pair
+    h2.echo_server(7010)
+    h1.create("id", "heal", "url", ":8010", "remote", "192.0.2.2", "tail", "url", ":7010")
+    assert roundtrip(h1, 8010) == b"hello wormhole"
+    assert h2.stop() == 0
+    h2.start()
+    assert h2.list() == [], "a peer does not keep remote children across restarts"
+    assert refused(h1, 8010), "the old child is gone: this connection fails (after the 5 s retry)"
+    assert h1.list()[0]["state"] == "armed"
+    assert roundtrip(h1, 8010) == b"hello wormhole", "the next one builds the child again"
+    assert [r["id"] for r in h2.list()] == ["heal.1"]
+    assert "does not answer; it is rebuilt" in h1.logs()

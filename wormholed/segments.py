@@ -127,6 +127,7 @@ class Segment:
         self._stack = contextlib.AsyncExitStack()  # head side: lives as long as the segment
         self._armed_stack: contextlib.AsyncExitStack | None = None  # tail side + child
         self._arming: asyncio.Future | None = None
+        self._disarming: asyncio.Future | None = None  # undoing a tail side that stopped working
         self.head_url = ""
         self.head_ns: Netns | None = None
         self.head_port = 0
@@ -182,6 +183,8 @@ class Segment:
 
     async def _arm(self) -> None:
         """Resolve the tail's namespace and build the child; all or nothing."""
+        if self._disarming is not None:
+            await asyncio.shield(self._disarming)  # the stale half must be gone first
         stack = contextlib.AsyncExitStack()
         try:
             tail = self.plan.tail
@@ -244,7 +247,23 @@ class Segment:
 
     async def _connect_tail(self) -> socket.socket:
         t = await self._target()
-        return await dial(t.ns, t.host, t.port, wait=self._proxy.finish_connect)
+        try:
+            return await dial(t.ns, t.host, t.port, wait=self._proxy.finish_connect)
+        except OSError:
+            if self.remote is not None and self.target is t:
+                self._disarm()
+            raise
+
+    def _disarm(self) -> None:
+        """The remote child stopped answering (its daemon restarted, say): drop this
+        tail side, so that the next connection builds the child again."""
+        host, ident = self.remote
+        log.warning("wormhole %s: its child %s on %s does not answer; it is rebuilt on the next connection",
+                    self.id, ident, host)
+        stack, self._armed_stack = self._armed_stack, None
+        self.target = self.child = self.remote = None
+        self._disarming = asyncio.ensure_future(stack.aclose())
+        self._disarming.add_done_callback(lambda _: setattr(self, "_disarming", None))
 
     async def _open_flow(self) -> socket.socket:
         t = await self._target()
@@ -276,6 +295,9 @@ class Segment:
                 await self._arming
         if self._proxy is not None:
             await self._proxy.aclose()
+        if self._disarming is not None:
+            with contextlib.suppress(Exception):
+                await self._disarming
         if self._armed_stack is not None:
             await self._armed_stack.aclose()
         await self._stack.aclose()
@@ -285,4 +307,4 @@ class Segment:
 
 def _pending(tail: Endpoint) -> str:
     where = "" if tail.place == HOST else f"{tail.place}@"
-    return f"{tail.proto}://{where}{tail.host or '*'}:{tail.port or '*'} (on trigger)"
+    return f"{tail.proto}://{where}{tail.host or '*'}:{tail.port or '*'} (on the next connection)"
