@@ -23,7 +23,7 @@ unit: install
 	$(PY) -m pytest -q unit_tests
 
 functional: deps install
-	$(PY) -m pytest -q functional_tests
+	./scripts/with-docker $(PY) -m pytest -q functional_tests
 
 # with-docker: a Docker engine (dockerd started when none answers, stopped after only if it
 # was started here) and the images of examples/images/ around the command.

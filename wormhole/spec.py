@@ -179,13 +179,6 @@ class SegmentSpec:
     trigger: bool = False  # tail namespace and the child are made on the first connection
     child: Link | None = None
 
-    def chain(self):
-        """This spec and its descendants, root first."""
-        spec: SegmentSpec | None = self
-        while spec is not None:
-            yield spec
-            spec = spec.child.spec if spec.child else None
-
 
 # --- parsing -----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from wormhole.protocol import Failed, Refused, RpcError
 from wormhole.spec import HOST, Endpoint, Place, Plan
 
 from .docker import Docker
-from .netns import Netns, NetnsError, make_socket
+from .netns import Netns, NetnsError, hostport, make_socket
 from .peers import Peers
 from .proxy.tcp import Stats, TcpProxy, dial
 from .proxy.udp import UdpProxy, dial_udp
@@ -102,8 +102,7 @@ def family_of(host: str) -> socket.AddressFamily:
 
 
 def format_url(proto: str, ns: Netns | None, host: str, port: int) -> str:
-    where = f"{ns.label}@" if ns is not None else ""
-    return f"{proto}://{where}{f'[{host}]' if ':' in host else host}:{port}"
+    return f"{proto}://{f'{ns.label}@' if ns is not None else ''}{hostport(host, port)}"
 
 
 @dataclass
@@ -301,8 +300,8 @@ class Segment:
         if self._armed_stack is not None:
             await self._armed_stack.aclose()
         await self._stack.aclose()
-        for seg in list(self.chain())[1:]:
-            self.warnings.extend(seg.warnings)
+        if self.child is not None:  # its own warnings include its children's
+            self.warnings.extend(self.child.warnings)
 
 
 def _pending(tail: Endpoint) -> str:
