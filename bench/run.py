@@ -7,6 +7,9 @@ Two measurements, each taken directly and through every proxy:
 * new connections per second: wrk with ``Connection: close`` (one TCP
   connection per request) -> [proxy] -> nginx returning a 2-byte body.
 
+Then the tunnel table (bench/tunnel.py): iperf3 through a WireGuard tunnel between
+two network namespaces, built by ``wormhole tunnel-create`` and built by hand.
+
 Usage: bench/run.py [--duration S] [--only NAMES] [--json]
 
 Every process started here runs in its own process group and is killed when
@@ -42,6 +45,9 @@ WORMHOLE_BIN = Path(os.environ.get("WORMHOLE_BENCH_BIN") or ROOT / ".venv" / "bi
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SETTLE = 0.5  # seconds between a listener's readiness and its measurement
 ROWS = ("direct", "wormhole", "systemd-socket-proxyd", "haproxy", "socat")
+TUNNEL = "tunnel"  # the tunnel table (bench/tunnel.py), after the proxy rows
+NAMES = ROWS + (TUNNEL,)
+PROXY_TOOLS = ("iperf3", "wrk", "nginx", "haproxy", "socat", "systemd-socket-activate")
 
 
 class BenchError(Exception):
@@ -185,7 +191,7 @@ def format_table(rows: list[Row], header: str = "") -> str:
     return "\n".join(lines)
 
 
-def rows_to_json(rows: list[Row], meta: dict) -> str:
+def rows_to_json(rows: list[Row], meta: dict, tunnel: dict | None = None) -> str:
     direct = next((r for r in rows if r.name == "direct" and not r.error), None)
     out = []
     for r in rows:
@@ -201,18 +207,33 @@ def rows_to_json(rows: list[Row], meta: dict) -> str:
             "error": r.error,
             "notes": r.notes,
         })
-    return json.dumps({**meta, "rows": out}, indent=2)
+    doc = {**meta, "rows": out}
+    if tunnel is not None:
+        doc["tunnel"] = tunnel
+    return json.dumps(doc, indent=2)
 
 
 def parse_only(text: str | None) -> list[str]:
-    """``--only wormhole,socat`` -> rows to run, in table order; direct always."""
+    """``--only wormhole,socat`` -> rows to run, in table order; direct whenever a
+    proxy row runs (it anchors their ratios); ``tunnel`` (the tunnel table) last."""
     if not text:
-        return list(ROWS)
+        return list(NAMES)
     names = {n.strip() for n in re.split(r"[,\s]+", text) if n.strip()}
-    unknown = names - set(ROWS)
+    unknown = names - set(NAMES)
     if unknown:
-        raise ValueError(f"unknown names: {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
-    return [n for n in ROWS if n == "direct" or n in names]
+        raise ValueError(f"unknown names: {', '.join(sorted(unknown))} (choose from {', '.join(NAMES)})")
+    proxies = names & set(ROWS) - {"direct"}
+    return [n for n in NAMES if n in names or (n == "direct" and (proxies or names == {"direct"}))]
+
+
+def required_tools(names: list[str], tunnel_tools: tuple[str, ...] = ()) -> list[str]:
+    """The tools the selected rows run, each once, in a stable order."""
+    tools: list[str] = []
+    if any(n in ROWS for n in names):
+        tools += PROXY_TOOLS
+    if TUNNEL in names:
+        tools += tunnel_tools
+    return list(dict.fromkeys(tools))
 
 
 # --------------------------------------------------------------------------
@@ -589,36 +610,45 @@ def start_target(stack: contextlib.ExitStack, what: str, cm: ContextManager[int]
         return None, f"{what}: {exc}"
 
 
-def run(names: list[str], duration: float, log: Callable[[str], None]) -> list[Row]:
+def run(names: list[str], duration: float,
+        log: Callable[[str], None]) -> tuple[list[Row], list, int | None]:
+    """The proxy rows, then the tunnel table's rows and the veth MTU ([], None unless selected)."""
+    import tunnel  # not at the top: it imports this module
+
     tmp = Path(tempfile.mkdtemp(prefix="wormhole-bench-"))
     rows: list[Row] = []
+    tunnel_rows: list = []
+    veth_mtu = None
     try:
-        with contextlib.ExitStack() as stack:
-            iperf_port, iperf_err = start_target(stack, "iperf3 server", iperf3_server(tmp), log)
-            nginx_port, nginx_err = start_target(stack, "nginx", nginx_server(tmp), log)
-            proxies: dict[str, Proxy] = {
-                "direct": direct, "systemd-socket-proxyd": socket_proxyd,
-                "haproxy": haproxy, "socat": socat,
-            }
-            for name in names:
-                with contextlib.ExitStack() as row_stack:  # the daemon lives for its row
-                    proxy = proxies.get(name)
-                    if name == "wormhole":
-                        try:
-                            proxy = row_stack.enter_context(Wormhole(tmp)).proxy
-                        except BenchError as exc:
-                            log(f"wormhole: {exc}")
-                            rows.append(Row(name, error=str(exc)))
-                            continue
-                    row = measure_row(name, proxy, tmp, iperf_port, nginx_port, duration, log)
-                if iperf_err:
-                    row.notes["throughput"] = iperf_err
-                if nginx_err:
-                    row.notes["conn/s"] = nginx_err
-                rows.append(row)
+        if any(n in ROWS for n in names):
+            with contextlib.ExitStack() as stack:
+                iperf_port, iperf_err = start_target(stack, "iperf3 server", iperf3_server(tmp), log)
+                nginx_port, nginx_err = start_target(stack, "nginx", nginx_server(tmp), log)
+                proxies: dict[str, Proxy] = {
+                    "direct": direct, "systemd-socket-proxyd": socket_proxyd,
+                    "haproxy": haproxy, "socat": socat,
+                }
+                for name in (n for n in names if n in ROWS):
+                    with contextlib.ExitStack() as row_stack:  # the daemon lives for its row
+                        proxy = proxies.get(name)
+                        if name == "wormhole":
+                            try:
+                                proxy = row_stack.enter_context(Wormhole(tmp)).proxy
+                            except BenchError as exc:
+                                log(f"wormhole: {exc}")
+                                rows.append(Row(name, error=str(exc)))
+                                continue
+                        row = measure_row(name, proxy, tmp, iperf_port, nginx_port, duration, log)
+                    if iperf_err:
+                        row.notes["throughput"] = iperf_err
+                    if nginx_err:
+                        row.notes["conn/s"] = nginx_err
+                    rows.append(row)
+        if TUNNEL in names:
+            tunnel_rows, veth_mtu = tunnel.run_tunnel(duration, log, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return rows
+    return rows, tunnel_rows, veth_mtu
 
 
 def _sigterm(signum, frame):
@@ -626,12 +656,15 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import tunnel  # not at the top: it imports this module
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0,
                     help="seconds per measurement (iperf3 -t, wrk -d); default 5")
     ap.add_argument("--only", metavar="NAMES",
-                    help=f"comma-separated rows to run among {', '.join(ROWS)} "
-                         "(direct always runs: it is the anchor of the ratios)")
+                    help=f"comma-separated rows to run among {', '.join(NAMES)} "
+                         "(direct runs with any proxy row: it is the anchor of their ratios; "
+                         "tunnel is the tunnel table)")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = ap.parse_args(argv)
     try:
@@ -640,8 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     if args.duration <= 0:
         ap.error("--duration must be positive")
-    missing = [t for t in ("iperf3", "wrk", "nginx", "haproxy", "socat", "systemd-socket-activate")
-               if not shutil.which(t)]
+    missing = [t for t in required_tools(names, tunnel.TOOLS) if not shutil.which(t)]
     if missing:
         print(f"bench: missing tools: {', '.join(missing)} (run `make bench`, "
               "which installs them)", file=sys.stderr)
@@ -652,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     nproc = len(os.sched_getaffinity(0))
     log = (lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
     try:
-        rows = run(names, args.duration, log)
+        rows, tunnel_rows, veth_mtu = run(names, args.duration, log)
     except KeyboardInterrupt:
         print("bench: interrupted; every process stopped", file=sys.stderr)
         return 130
@@ -660,15 +692,22 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": started.isoformat(timespec="seconds"), "nproc": nproc,
             "kernel": platform.release(), "duration_s": args.duration}
     if args.json:
-        print(rows_to_json(rows, meta))
+        print(rows_to_json(rows, meta, tunnel.tunnel_to_json(tunnel_rows) if tunnel_rows else None))
     else:
         header = (f"wormhole bench  {started:%Y-%m-%d %H:%M:%S %Z}  nproc {nproc}  "
-                  f"kernel {platform.release()}  {args.duration:g} s per measurement\n"
-                  "throughput: iperf3, 1 TCP stream; conn/s: wrk -t1 -c50, "
-                  "Connection: close, nginx 'return 200'\n")
-        print(format_table(rows, header))
+                  f"kernel {platform.release()}  {args.duration:g} s per measurement\n")
+        tables = []
+        if rows:
+            tables.append(format_table(rows, "throughput: iperf3, 1 TCP stream; conn/s: wrk -t1 -c50, "
+                                             "Connection: close, nginx 'return 200'\n"))
+        if tunnel_rows:
+            tables.append(tunnel.format_tunnel_table(
+                tunnel_rows, tunnel.tunnel_header(args.duration, veth_mtu)))
+        print(header + "\n\n".join(tables))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `run`, the one bench/tunnel.py imports: one BenchError class.
+    import run
+    sys.exit(run.main())

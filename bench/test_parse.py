@@ -1,4 +1,4 @@
-"""Unit tests for bench/run.py's pure functions: .venv/bin/python -m pytest bench/test_parse.py"""
+"""Unit tests for the pure functions of bench/run.py and bench/tunnel.py: .venv/bin/python -m pytest bench/test_parse.py"""
 
 import json
 import sys
@@ -147,12 +147,29 @@ def test_create_output_bad(text):
 # -- --only ---------------------------------------------------------------------
 
 def test_only_default_is_every_row():
-    assert parse_only(None) == ["direct", "wormhole", "systemd-socket-proxyd", "haproxy", "socat"]
+    assert parse_only(None) == ["direct", "wormhole", "systemd-socket-proxyd", "haproxy", "socat",
+                                "tunnel"]
 
 
 def test_only_keeps_direct_and_table_order():
     assert parse_only("socat,wormhole") == ["direct", "wormhole", "socat"]
     assert parse_only("haproxy socat") == ["direct", "haproxy", "socat"]
+
+
+def test_only_tunnel_runs_no_proxy_row():
+    assert parse_only("tunnel") == ["tunnel"]
+    assert parse_only("tunnel,socat") == ["direct", "socat", "tunnel"]
+    assert parse_only("direct") == ["direct"]
+    assert parse_only("direct,tunnel") == ["direct", "tunnel"]
+
+
+def test_required_tools_follow_the_selection():
+    from run import PROXY_TOOLS, required_tools
+    from tunnel import TOOLS
+    assert required_tools(["tunnel"], TOOLS) == list(TOOLS)
+    assert required_tools(["direct", "socat"], TOOLS) == list(PROXY_TOOLS)
+    both = required_tools(["direct", "socat", "tunnel"], TOOLS)
+    assert both.count("iperf3") == 1 and {"wrk", "wireguard-go", "wg"} <= set(both)
 
 
 def test_only_unknown_name():
@@ -221,3 +238,192 @@ def test_table_shows_proxy_cpu():
             Row("wormhole", bps=1e10, conn_per_s=7000, cpu_s_per_gb=0.3, cpu_us_per_conn=155.4)]
     line = next(l for l in format_table(rows).splitlines() if l.startswith("wormhole"))
     assert line.split() == ["wormhole", "10.00", "0.50", "7000", "0.50", "0.300", "155"]
+
+
+# -- tunnel table (bench/tunnel.py) --------------------------------------------------
+
+import tunnel  # noqa: E402
+from tunnel import (  # noqa: E402
+    TunnelRow, abba, cli_message, format_tunnel_table, iface_with_address, ns_pid_of,
+    parse_ip_link, parse_listening, parse_tunnel_create, parse_tunnel_list, tunnel_mtu,
+    tunnel_ratio, tunnel_to_json,
+)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("100.64.1.2 100.64.1.3\n", ("100.64.1.2", "100.64.1.3")),
+    ("  100.65.0.1   100.65.0.2", ("100.65.0.1", "100.65.0.2")),
+    ("fd00::1 fd00::2\n", ("fd00::1", "fd00::2")),
+])
+def test_tunnel_create_output(text, expected):
+    assert parse_tunnel_create(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "100.64.1.2", "100.64.1.2 100.64.1.3 extra",
+                                  "wh-0123456789 100.64.1.3", "100.64.1.2 100.64.1.2",
+                                  "100.64.1.2/32 100.64.1.3/32"])
+def test_tunnel_create_output_bad(text):
+    with pytest.raises(BenchError):
+        parse_tunnel_create(text)
+
+
+TUNNEL_LIST = json.dumps([
+    {"peer": "192.0.2.9", "peer_id": "x", "type": "wireguard", "backend": "kernel",
+     "interface": "wh-9999999999", "local_ip": "100.64.1.4", "remote_ip": "100.64.1.5"},
+    {"peer": "198.18.0.2", "peer_id": "d2", "type": "wireguard", "backend": "wireguard-go",
+     "interface": "wh-0123456789", "local_ip": "100.64.1.2", "remote_ip": "100.64.1.3",
+     "local_endpoint": "198.18.0.1:4500", "remote_endpoint": "198.18.0.2:4500",
+     "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "users": [], "state": "up"},
+])
+
+
+def test_tunnel_list_finds_the_peer():
+    entry = parse_tunnel_list(TUNNEL_LIST, "198.18.0.2")
+    assert entry["interface"] == "wh-0123456789" and entry["backend"] == "wireguard-go"
+
+
+@pytest.mark.parametrize("text, match", [
+    (TUNNEL_LIST.replace("198.18.0.2", "198.18.0.3"), "no tunnel to 198.18.0.2"),
+    ("[]", "no tunnel"), ("{}", "not a list"), ("Usage: wormhole", "not JSON"),
+])
+def test_tunnel_list_bad(text, match):
+    with pytest.raises(BenchError, match=match):
+        parse_tunnel_list(text, "198.18.0.2")
+
+
+@pytest.mark.parametrize("stderr, stdout, rc, expected", [
+    ("wormhole: error: host 198.18.0.2 cannot build WireGuard tunnels: no wireguard-go\n", "", 1,
+     "host 198.18.0.2 cannot build WireGuard tunnels: no wireguard-go"),
+    ("Usage: wormhole [OPTIONS] COMMAND [ARGS]...\n\nwormhole: No such command 'tunnel-create'.\n", "", 2,
+     "No such command 'tunnel-create'."),
+    ("", "something on stdout\n", 1, "something on stdout"),
+    ("", "", 3, "exit status 3"),
+])
+def test_cli_message(stderr, stdout, rc, expected):
+    assert cli_message(stderr, stdout, rc) == expected
+
+
+# `ip -j -s link show dev IFACE` of a wireguard-go interface (iproute2 6.1), shortened
+IP_LINK = json.dumps([{
+    "ifindex": 5, "ifname": "wh-0123456789", "flags": ["POINTOPOINT", "MULTICAST", "NOARP", "UP",
+                                                        "LOWER_UP"],
+    "mtu": 1420, "qdisc": "pfifo_fast", "operstate": "UNKNOWN", "link_type": "none",
+    "stats64": {"rx": {"bytes": 6122982, "packets": 95658, "errors": 0, "dropped": 0},
+                "tx": {"bytes": 727324556, "packets": 512258, "errors": 0, "dropped": 0}}}])
+
+
+def test_ip_link():
+    assert parse_ip_link(IP_LINK) == {"ifname": "wh-0123456789", "mtu": 1420,
+                                      "tx_bytes": 727324556, "rx_bytes": 6122982}
+
+
+@pytest.mark.parametrize("text", ["", "[]", IP_LINK.replace('"stats64"', '"stats"'),
+                                  'Device "x" does not exist.'])
+def test_ip_link_bad(text):
+    with pytest.raises(BenchError):
+        parse_ip_link(text)
+
+
+IP_ADDR = json.dumps([
+    {"ifindex": 1, "ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
+    {"ifindex": 2, "ifname": "whb123a", "addr_info": [{"family": "inet", "local": "198.18.0.1",
+                                                       "prefixlen": 24}]},
+    {"ifindex": 5, "ifname": "wh-0123456789", "addr_info": [{"family": "inet", "local": "100.64.1.2",
+                                                             "prefixlen": 32}]},
+    {"ifindex": 6, "ifname": "down0"},
+])
+
+
+def test_iface_with_address():
+    assert iface_with_address(IP_ADDR, "100.64.1.2") == "wh-0123456789"
+    assert iface_with_address(IP_ADDR, "198.18.0.1") == "whb123a"
+    with pytest.raises(BenchError, match="no interface has the address 100.64.1.3"):
+        iface_with_address(IP_ADDR, "100.64.1.3")
+    with pytest.raises(BenchError):
+        iface_with_address("not json", "100.64.1.2")
+
+
+def test_listening():
+    text = ("LISTEN 0      4096   198.19.0.2:5201 0.0.0.0:*\n"
+            "LISTEN 0      128    127.0.0.1:9999  0.0.0.0:*\n")
+    assert parse_listening(text, "198.19.0.2", 5201)
+    assert not parse_listening(text, "198.19.0.2", 520)
+    assert not parse_listening(text, "198.19.0.1", 5201)
+    assert not parse_listening("", "198.19.0.2", 5201)
+
+
+def test_mtu_rule_and_order():
+    assert tunnel_mtu(1500) == 1420
+    assert abba(("A", "B"), 2) == ["A", "B", "B", "A"]
+    assert abba(["A", "B"], 4) == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert abba(["B"], 2) == ["B", "B"]
+
+
+def test_ns_pid_of():
+    assert ns_pid_of("whbench4321a") == 4321
+    assert ns_pid_of("whbench4321b") == 4321
+    assert ns_pid_of("whbench4321") is None
+    assert ns_pid_of("wh4284x39") is None
+
+
+def _tunnel_rows(wormhole_bps=(0.96e9, 0.98e9)):
+    return [
+        TunnelRow("hand-built", samples=[1.0e9, 1.0e9], mtu=1420, cpu_s_per_gb=4.5),
+        TunnelRow("wormhole", samples=list(wormhole_bps), mtu=1420, cpu_s_per_gb=4.6,
+                  create_s=[0.5, 0.3, 0.4], create_first_s=0.9),
+    ]
+
+
+def test_tunnel_table_ratio_goal_and_create_median():
+    lines = format_tunnel_table(_tunnel_rows(), "HEADER").splitlines()
+    assert lines[0] == "HEADER"
+    hand = next(l for l in lines if l.startswith("hand-built"))
+    wh = next(l for l in lines if l.startswith("wormhole"))
+    assert hand.split() == ["hand-built", "1.00", "1.00", "-", "1420", "-", "4.50"]
+    assert wh.split() == ["wormhole", "0.97", "0.97", ">=0.95", "ok", "1420", "0.400", "4.60"]
+    assert len({len(l) for l in lines[1:]}) == 1, "columns align"
+
+
+def test_tunnel_table_goal_missed():
+    wh = format_tunnel_table(_tunnel_rows((0.9e9,))).splitlines()[-1]
+    assert wh.split()[1:5] == ["0.90", "0.90", ">=0.95", "MISS"]
+
+
+def test_tunnel_table_wormhole_unavailable():
+    rows = [TunnelRow("hand-built", samples=[1e9]),
+            TunnelRow("wormhole", error="tunnel-create failed: No such command 'tunnel-create'.")]
+    text = format_tunnel_table(rows)
+    assert "wormhole    n/a (tunnel-create failed: No such command 'tunnel-create'.)" in text
+    assert tunnel_ratio(rows) is None
+
+
+def test_tunnel_table_hand_built_unavailable_and_footnotes():
+    rows = [TunnelRow("hand-built", error="wireguard-go exited with 1: boom"),
+            TunnelRow("wormhole", samples=[1e9], notes={"tunnel-create": "tunnel-delete failed: busy",
+                                                        "throughput": "iperf3 exited with 1: x"})]
+    lines = format_tunnel_table(rows).splitlines()
+    wh = next(l for l in lines if l.startswith("wormhole"))
+    assert wh.split() == ["wormhole", "1.00", "[1]", "n/a", ">=0.95", "-", "-", "n/a", "[2]", "-"]
+    assert lines[-2:] == ["[1] wormhole throughput: iperf3 exited with 1: x",
+                          "[2] wormhole tunnel-create: tunnel-delete failed: busy"]
+
+
+def test_tunnel_json():
+    doc = json.loads(json.dumps(tunnel_to_json(_tunnel_rows())))
+    assert doc["goal_ratio"] == tunnel.GOAL and doc["ratio"] == pytest.approx(0.97)
+    wh = {r["name"]: r for r in doc["rows"]}["wormhole"]
+    assert wh["throughput_bps"] == pytest.approx(0.97e9)
+    assert wh["throughput_samples_bps"] == [0.96e9, 0.98e9]
+    assert wh["tunnel_create_s"] == 0.4 and wh["tunnel_create_first_s"] == 0.9
+
+
+def test_json_carries_the_tunnel_table():
+    doc = json.loads(rows_to_json(ROWS, {"nproc": 2}, tunnel_to_json(_tunnel_rows())))
+    assert doc["tunnel"]["ratio"] == pytest.approx(0.97)
+    assert "tunnel" not in json.loads(rows_to_json(ROWS, {"nproc": 2}))
+
+
+def test_tunnel_table_lists_notes_without_a_cell():
+    rows = _tunnel_rows()
+    rows[1].notes["backend"] = "wormhole's tunnel runs on kernel"
+    assert format_tunnel_table(rows).splitlines()[-1] == "[1] wormhole backend: wormhole's tunnel runs on kernel"

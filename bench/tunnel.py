@@ -1,0 +1,754 @@
+"""The tunnel table of `make bench`: a WireGuard tunnel built by wormhole against the
+same tunnel built by hand, between two test hosts.
+
+Two network namespaces joined by a veth pair (198.18.0.1/24 and 198.18.0.2/24) are
+the two hosts. On them:
+
+* hand-built: wireguard-go started by hand on each host, configured with `wg set`
+  (private key, listen port, peer, preshared key, endpoint, persistent keepalive 25)
+  and `ip` (overlay address /32, MTU = veth MTU - 80, route to the far /32);
+* wormhole: a wormholed on each host (each its own key file, the same key) and
+  `wormhole tunnel-create 198.18.0.2` run against the first (timed: the CLI's
+  wall-clock, median of a few creates each made after a `tunnel-delete`).
+
+Then iperf3, one TCP stream from host 1 to an `iperf3 -s` bound to host 2's overlay
+address, through each tunnel in turn (ABBA order), and the ratio wormhole/hand-built.
+
+Everything is made under unique names (whbench<PID>a/b) and removed at the end,
+on error, on Ctrl-C and on SIGTERM: the processes in the two namespaces (the
+wireguard-go wormhole detaches too), the /run/wireguard sockets of their
+interfaces, the namespaces with the veth pair, the temporary files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from run import WORMHOLE_BIN, BenchError, Proc, parse_iperf3, proc_cpu_seconds, run_tool
+
+UNDERLAY = ("198.18.0.1", "198.18.0.2")  # the veth pair, RFC 2544 benchmarking range
+UNDERLAY_PREFIX = 24
+HAND_OVERLAY = ("198.19.0.1", "198.19.0.2")  # hand-built /32s, outside wormhole's -C
+HAND_PORTS = (51820, 51821)  # wormhole's tunnels use -P (4500-4599): no clash
+IPERF_PORT = 5201
+KEEPALIVE = 25
+MTU_OVERHEAD = 80  # WireGuard over IPv6 worst case; wormhole's rule too
+GOAL = 0.95  # wormhole/hand-built throughput
+CREATES = 3  # timed tunnel-creates, each after a tunnel-delete
+ROUNDS = 2  # iperf3 runs per tunnel, in the order A B B A (A B B A A B B A for 4 ...)
+TUNNEL_ROWS = ("hand-built", "wormhole")
+TOOLS = ("ip", "ss", "iperf3", "wireguard-go", "wg")
+NETNS_DIR = Path("/run/netns")
+WG_RUN = Path("/run/wireguard")
+NS_PREFIX = "whbench"
+
+
+# --------------------------------------------------------------------------
+# Pure functions: parsing tool output and formatting results
+
+
+def cli_message(stderr: str, stdout: str = "", returncode: int | None = None) -> str:
+    """The one line a failed CLI call has to say: its last non-empty stderr line
+    (stdout's if stderr is empty), without the "wormhole: [error: ]" prefix."""
+    for text in (stderr, stdout):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return re.sub(r"^wormhole: (error: )?", "", lines[-1])[:300]
+    return f"exit status {returncode}" if returncode is not None else "no output"
+
+
+def parse_tunnel_create(text: str) -> tuple[str, str]:
+    """``wormhole tunnel-create`` prints "SRC DST": the overlay IPs of the two ends."""
+    words = text.split()
+    if len(words) != 2:
+        raise BenchError(f"unexpected output of tunnel-create: {text.strip()[:200]!r}")
+    try:
+        src, dst = (ipaddress.ip_address(w) for w in words)
+    except ValueError:
+        raise BenchError(f"tunnel-create printed no overlay IPs: {text.strip()[:200]!r}") from None
+    if src == dst:
+        raise BenchError(f"tunnel-create printed the same IP for both ends: {src}")
+    return str(src), str(dst)
+
+
+def parse_tunnel_list(text: str, peer: str) -> dict:
+    """The entry for PEER in ``wormhole tunnel-list --json``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"tunnel-list --json is not JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise BenchError("tunnel-list --json is not a list")
+    for entry in data:
+        if isinstance(entry, dict) and entry.get("peer") == peer:
+            return entry
+    raise BenchError(f"tunnel-list has no tunnel to {peer}")
+
+
+def parse_ip_link(text: str) -> dict:
+    """mtu, tx_bytes and rx_bytes of the one link in ``ip -j -s link show dev X``."""
+    try:
+        [link] = json.loads(text)
+        return {"ifname": link["ifname"], "mtu": int(link["mtu"]),
+                "tx_bytes": int(link["stats64"]["tx"]["bytes"]),
+                "rx_bytes": int(link["stats64"]["rx"]["bytes"])}
+    except (json.JSONDecodeError, ValueError, KeyError, TypeError):
+        raise BenchError(f"cannot read ip -j -s link output: {text.strip()[:200]!r}") from None
+
+
+def iface_with_address(text: str, ip: str) -> str:
+    """The interface holding IP in ``ip -j addr show`` output."""
+    try:
+        links = json.loads(text)
+        for link in links:
+            for addr in link.get("addr_info", []):
+                if addr.get("local") == ip:
+                    return link["ifname"]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        raise BenchError(f"cannot read ip -j addr output: {text.strip()[:200]!r}") from None
+    raise BenchError(f"no interface has the address {ip}")
+
+
+def parse_listening(text: str, ip: str, port: int) -> bool:
+    """Whether ``ss -Hltn`` output shows a listener on IP:PORT."""
+    want = f"{ip}:{port}"
+    return any(want in line.split() for line in text.splitlines())
+
+
+def tunnel_mtu(underlay_mtu: int) -> int:
+    """wormhole's rule: the route MTU toward the peer minus WireGuard's worst-case overhead."""
+    return underlay_mtu - MTU_OVERHEAD
+
+
+def abba(names: tuple[str, ...] | list[str], rounds: int) -> list[str]:
+    """Measurement order: forward, then backward, alternately (A B B A A B ...), so a
+    machine that speeds up or slows down during the run hurts every row alike."""
+    order: list[str] = []
+    for r in range(rounds):
+        order.extend(names if r % 2 == 0 else list(reversed(names)))
+    return order
+
+
+def ns_pid_of(name: str) -> int | None:
+    """The bench PID in one of our namespace names (whbench<PID>a/b), else None."""
+    m = re.fullmatch(rf"{NS_PREFIX}([0-9]+)[ab]", name)
+    return int(m.group(1)) if m else None
+
+
+@dataclasses.dataclass
+class TunnelRow:
+    name: str
+    samples: list[float] = dataclasses.field(default_factory=list)  # iperf3 bits/s per run
+    cpu_s_per_gb: float | None = None  # both wireguard-go processes, CPU s per GB received
+    mtu: int | None = None
+    interface: str | None = None
+    backend: str | None = None
+    create_s: list[float] = dataclasses.field(default_factory=list)  # timed creates
+    create_first_s: float | None = None  # the first create (nothing to reuse, no delete)
+    error: str | None = None  # whole row unavailable
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # per column
+
+    @property
+    def bps(self) -> float | None:
+        return statistics.fmean(self.samples) if self.samples else None
+
+    @property
+    def create_median(self) -> float | None:
+        return statistics.median(self.create_s) if self.create_s else None
+
+
+def tunnel_ratio(rows: list[TunnelRow]) -> float | None:
+    by = {r.name: r for r in rows}
+    hand, wh = by.get("hand-built"), by.get("wormhole")
+    if not hand or not wh or hand.error or wh.error or not hand.bps or wh.bps is None:
+        return None
+    return wh.bps / hand.bps
+
+
+def format_tunnel_table(rows: list[TunnelRow], header: str = "") -> str:
+    """The tunnel table; the ratio is wormhole against hand-built, with the goal."""
+    ratio = tunnel_ratio(rows)
+    width = max([len("tunnel")] + [len(r.name) for r in rows])
+    cols = (f"{'throughput Gbit/s':>18} {'ratio':>6} {'goal':>11} {'MTU':>5}"
+            f" {'tunnel-create s':>16} {'wg CPU s/GB':>12}")
+    lines = [header] if header else []
+    lines.append(f"{'tunnel':<{width}}  {cols}")
+    lines.append("-" * (width + 2 + len(cols)))
+    footnotes: list[str] = []
+
+    def note(row: TunnelRow, key: str, text: str) -> str:
+        if key in row.notes:
+            footnotes.append(f"{row.name} {key}: {row.notes[key]}")
+            text += f" [{len(footnotes)}]"
+        return text
+
+    for row in rows:
+        if row.error:
+            lines.append(f"{row.name:<{width}}  n/a ({row.error})")
+            continue
+        bps = row.bps
+        tput = note(row, "throughput", "n/a" if bps is None else f"{bps / 1e9:.2f}")
+        if row.name == "hand-built":
+            r, goal = ("1.00" if bps else "n/a"), "-"
+        else:
+            r = "n/a" if ratio is None else f"{ratio:.2f}"
+            goal = (f">={GOAL:.2f} " + ("-" if ratio is None else "ok" if ratio >= GOAL else "MISS"))
+        if row.name == "wormhole":
+            med = row.create_median
+            create = note(row, "tunnel-create", "n/a" if med is None else f"{med:.3f}")
+        else:
+            create = "-"
+        mtu = "-" if row.mtu is None else str(row.mtu)
+        cpu = "-" if row.cpu_s_per_gb is None else f"{row.cpu_s_per_gb:.2f}"
+        lines.append(f"{row.name:<{width}}  {tput:>18} {r:>6} {goal:>11} {mtu:>5}"
+                     f" {create:>16} {cpu:>12}")
+    for row in rows:  # notes no cell refers to
+        for key, text in row.notes.items():
+            if key not in ("throughput", "tunnel-create") or row.error:
+                footnotes.append(f"{row.name} {key}: {text}")
+    for i, text in enumerate(footnotes, 1):
+        lines.append(f"[{i}] {text}")
+    return "\n".join(lines)
+
+
+def tunnel_to_json(rows: list[TunnelRow]) -> dict:
+    return {
+        "underlay": list(UNDERLAY),
+        "goal_ratio": GOAL,
+        "ratio": tunnel_ratio(rows),
+        "rows": [{
+            "name": r.name,
+            "throughput_bps": r.bps,
+            "throughput_samples_bps": r.samples,
+            "mtu": r.mtu,
+            "interface": r.interface,
+            "backend": r.backend,
+            "wg_cpu_s_per_gb": r.cpu_s_per_gb,
+            "tunnel_create_s": r.create_median,
+            "tunnel_create_samples_s": r.create_s,
+            "tunnel_create_first_s": r.create_first_s,
+            "error": r.error,
+            "notes": r.notes,
+        } for r in rows],
+    }
+
+
+def tunnel_header(duration: float, veth_mtu: int | None = None) -> str:
+    mtu = f" (MTU {veth_mtu})" if veth_mtu else ""
+    return (f"tunnel: WireGuard between two namespaces joined by a veth pair{mtu}, "
+            f"{UNDERLAY[0]} -> {UNDERLAY[1]}\n"
+            f"throughput: iperf3, 1 TCP stream to host 2's overlay IP, mean of {ROUNDS} runs "
+            f"of {duration:g} s per tunnel (order {' '.join(abba(('A', 'B'), ROUNDS))});"
+            f" ratio: wormhole / hand-built\n")
+
+
+# --------------------------------------------------------------------------
+# The test hosts
+
+
+def _run(argv: list, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
+    argv = [str(a) for a in argv]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{argv[0]} did not finish within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise BenchError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+def _check(argv: list, timeout: float = 30, input: str | None = None) -> str:
+    res = _run(argv, timeout, input)
+    if res.returncode != 0:
+        raise BenchError(f"{' '.join(str(a) for a in argv[:6])} failed: "
+                         f"{cli_message(res.stderr, res.stdout, res.returncode)}")
+    return res.stdout
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _ns_pids(ns: str) -> list[int]:
+    res = _run(["ip", "netns", "pids", ns], timeout=10)
+    return [int(p) for p in res.stdout.split() if p.isdigit()]
+
+
+def _proc_cpu(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return proc_cpu_seconds(f.read(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Testbed:
+    """Two namespaces joined by a veth pair. Every process in them is ours (started
+    here or by our daemons) and is killed by close(), which also removes the
+    /run/wireguard sockets of the interfaces in them, and the namespaces."""
+
+    def __init__(self, log: Callable[[str], None]):
+        pid = os.getpid()
+        self.log = log
+        self.ns = (f"{NS_PREFIX}{pid}a", f"{NS_PREFIX}{pid}b")
+        self.veth = (f"whb{pid}a", f"whb{pid}b")  # <= 15 characters
+        self.made: list[str] = []
+        self.ifaces: set[str] = set()  # WireGuard interfaces (their /run/wireguard sockets)
+        self.veth_mtu: int | None = None
+
+    def __enter__(self) -> "Testbed":
+        sweep_stale(self.log)
+        try:
+            for ns in self.ns:
+                _check(["ip", "netns", "add", ns])
+                self.made.append(ns)
+                _check(["ip", "-n", ns, "link", "set", "lo", "up"])
+            a, b = self.veth
+            _check(["ip", "link", "add", a, "netns", self.ns[0], "type", "veth",
+                    "peer", "name", b, "netns", self.ns[1]])
+            for i in (0, 1):
+                _check(["ip", "-n", self.ns[i], "addr", "add", f"{UNDERLAY[i]}/{UNDERLAY_PREFIX}",
+                        "dev", self.veth[i]])
+                _check(["ip", "-n", self.ns[i], "link", "set", self.veth[i], "up"])
+            self.veth_mtu = self.link(0, self.veth[0])["mtu"]
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def argv(self, i: int, *argv) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[i], *(str(a) for a in argv)]
+
+    def check(self, i: int, *argv, timeout: float = 30) -> str:
+        return _check(self.argv(i, *argv), timeout)
+
+    def link(self, i: int, ifname: str) -> dict:
+        return parse_ip_link(_check(["ip", "-n", self.ns[i], "-j", "-s", "link", "show", "dev", ifname]))
+
+    def wait_listening(self, i: int, ip: str, port: int, proc: Proc, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not parse_listening(self.check(i, "ss", "-Hltn"), ip, port):
+            if not proc.alive():
+                raise BenchError(f"{proc.name} exited with {proc.popen.returncode}: {proc.tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing listens on {ip}:{port} after {timeout:.0f} s ({proc.tail()})")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        # A second Ctrl-C or a SIGTERM must not leave half of this behind.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for ns in self.made:
+                _remove_ns(ns, self.ifaces, self.log)
+            self.made.clear()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _remove_ns(ns: str, ifaces: set[str], log: Callable[[str], None]) -> None:
+    """Kill every process in NS, remove the /run/wireguard sockets of its interfaces
+    (and of IFACES, ours), then the namespace (its veth end and tunnels go with it)."""
+    try:
+        links = json.loads(_run(["ip", "-n", ns, "-j", "link", "show"], timeout=10).stdout or "[]")
+        names = {link["ifname"] for link in links}
+    except (BenchError, json.JSONDecodeError, KeyError, TypeError):
+        names = set()
+    pids = []
+    with contextlib.suppress(BenchError):
+        pids = _ns_pids(ns)
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while (pids := [p for p in pids if _pid_alive(p) and not _zombie(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pids:
+            break
+    for name in (names | ifaces) - {"lo"}:
+        sock = WG_RUN / f"{name}.sock"
+        if sock.exists() and not _answers(sock):  # a live one is not ours (a name clash)
+            with contextlib.suppress(OSError):
+                sock.unlink()
+                log(f"tunnel: removed stale {sock}")
+    res = None
+    with contextlib.suppress(BenchError):
+        res = _run(["ip", "netns", "del", ns], timeout=10)
+    if res is None or (res.returncode != 0 and (NETNS_DIR / ns).exists()):
+        log(f"tunnel: could not remove namespace {ns}: {res and res.stderr.strip()}")
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process still accepts on the unix socket PATH."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def sweep_stale(log: Callable[[str], None]) -> None:
+    """Remove test hosts an earlier bench left behind when it was SIGKILLed (its PID is gone)."""
+    try:
+        names = [p.name for p in NETNS_DIR.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        pid = ns_pid_of(name)
+        if pid is not None and pid != os.getpid() and (not _pid_alive(pid) or _zombie(pid)):
+            log(f"tunnel: removing {name}, left behind by bench run {pid}")
+            _remove_ns(name, set(), log)
+
+
+# --------------------------------------------------------------------------
+# The two tunnels
+
+
+@dataclasses.dataclass
+class Tunnel:
+    """A tunnel ready to measure: host 2's overlay IP and what carries it."""
+    remote_ip: str
+    iface: str  # on host 1
+    wg_pids: Callable[[], list[int]]  # the wireguard-go processes (both hosts)
+
+
+class HandBuilt:
+    """wireguard-go on each host, configured with wg and ip as an admin would."""
+
+    def __init__(self, bed: Testbed, tmp: Path):
+        self.bed, self.tmp = bed, tmp / "hand-built"
+        pid = os.getpid()
+        self.ifaces = (f"whbwg{pid}a", f"whbwg{pid}b")  # not wh-*: wormholed removes those
+        self.procs: list[Proc] = []
+
+    def __enter__(self) -> Tunnel:
+        self.tmp.mkdir(mode=0o700)
+        try:
+            return self._build()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _build(self) -> Tunnel:
+        bed = self.bed
+        keys, pubs = [], []
+        for i in (0, 1):
+            key = _check(["wg", "genkey"]).strip()
+            keys.append(self._secret(f"private-{i}", key))
+            pubs.append(_check(["wg", "pubkey"], input=key + "\n").strip())
+        psk = self._secret("preshared", _check(["wg", "genpsk"]).strip())
+        mtu = tunnel_mtu(bed.veth_mtu)
+        for i in (0, 1):
+            iface = self.ifaces[i]
+            bed.ifaces.add(iface)
+            proc = Proc(f"wireguard-go-{i + 1}", bed.argv(i, "wireguard-go", "-f", iface), self.tmp)
+            self.procs.append(proc.__enter__())
+            self._wait_uapi(i, proc)
+        for i, j in ((0, 1), (1, 0)):
+            iface = self.ifaces[i]
+            bed.check(i, "wg", "set", iface, "private-key", keys[i], "listen-port", HAND_PORTS[i],
+                      "peer", pubs[j], "preshared-key", psk,
+                      "endpoint", f"{UNDERLAY[j]}:{HAND_PORTS[j]}",
+                      "allowed-ips", f"{HAND_OVERLAY[j]}/32", "persistent-keepalive", KEEPALIVE)
+            ns = bed.ns[i]
+            _check(["ip", "-n", ns, "addr", "add", f"{HAND_OVERLAY[i]}/32", "dev", iface])
+            _check(["ip", "-n", ns, "link", "set", iface, "mtu", mtu, "up"])
+            _check(["ip", "-n", ns, "route", "add", f"{HAND_OVERLAY[j]}/32", "dev", iface])
+        pids = [p.popen.pid for p in self.procs]  # ip netns exec execs wireguard-go: same PID
+        return Tunnel(HAND_OVERLAY[1], self.ifaces[0], lambda: pids)
+
+    def _secret(self, name: str, value: str) -> Path:
+        path = self.tmp / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        return path
+
+    def _wait_uapi(self, i: int, proc: Proc, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not (WG_RUN / f"{self.ifaces[i]}.sock").exists():
+            if not proc.alive():
+                raise BenchError(f"wireguard-go exited with {proc.popen.returncode}: {proc.tail(1)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"wireguard-go made no {WG_RUN}/{self.ifaces[i]}.sock in {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.stop()  # SIGTERM: wireguard-go removes its interface and socket
+        self.procs.clear()
+
+
+class WormholeSide:
+    """A wormholed on each host; the tunnel is `wormhole tunnel-create` from host 1."""
+
+    def __init__(self, bed: Testbed, tmp: Path, log: Callable[[str], None]):
+        self.bed, self.tmp, self.log = bed, tmp / "wormhole-tunnel", log
+        self.dirs = (self.tmp / "host1", self.tmp / "host2")
+        self.procs: list[Proc] = []
+        self.created = False
+
+    def key(self, i: int) -> Path:
+        return self.dirs[i] / "key.secret"
+
+    def sock(self, i: int) -> Path:
+        return self.dirs[i] / "ctl.sock"
+
+    def cli(self, i: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """The CLI, run here (not in the namespace): it reaches the daemon by its unix socket."""
+        return run_tool([str(WORMHOLE_BIN / "wormhole"), "-H", f"unix://{self.sock(i)}",
+                         "-K", str(self.key(i)), *args], timeout)
+
+    def __enter__(self) -> "WormholeSide":
+        # Each host its own key file, the same key (peers authenticate with it). The
+        # daemons get it with -K rather than through /etc/netns/NAME/wormhole: that
+        # binding needs /etc/wormhole to exist, which nothing here should create.
+        alphabet = string.ascii_letters + string.digits
+        key = "".join(secrets.choice(alphabet) for _ in range(32))
+        try:
+            for i in (0, 1):
+                self.dirs[i].mkdir(parents=True, mode=0o700)
+                fd = os.open(self.key(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(key + "\n")
+                argv = self.bed.argv(i, WORMHOLE_BIN / "wormholed", "-H", f"unix://{self.sock(i)}",
+                                     "-H", f"tcp://{UNDERLAY[i]}:9999", "-K", self.key(i),
+                                     "--state-dir", self.dirs[i] / "state")
+                self.procs.append(Proc(f"wormholed-{i + 1}", argv, self.dirs[i]).__enter__())
+            for i in (0, 1):
+                self._wait_ping(i)
+            res = self.cli(0, "ping", UNDERLAY[1], timeout=20)
+            if res.returncode != 0:
+                raise BenchError(f"host 1's daemon cannot reach host 2's: "
+                                 f"{cli_message(res.stderr, res.stdout, res.returncode)}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_ping(self, i: int, timeout: float = 15) -> None:
+        proc = self.procs[i]
+        deadline = time.monotonic() + timeout
+        while True:
+            if not proc.alive():
+                raise BenchError(f"wormholed on host {i + 1} exited with "
+                                 f"{proc.popen.returncode}: {proc.tail(1)}")
+            if self.sock(i).exists() and self.cli(i, "ping", timeout=5).returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"wormholed on host {i + 1} did not answer ping within "
+                                 f"{timeout:.0f} s ({proc.tail(1)})")
+            time.sleep(0.1)
+
+    def create(self) -> tuple[str, str, float]:
+        """tunnel-create from host 1: (local overlay IP, remote overlay IP, CLI seconds)."""
+        was, self.created = self.created, True  # from here on, cleanup deletes the tunnel
+        start = time.perf_counter()
+        res = self.cli(0, "tunnel-create", UNDERLAY[1])
+        seconds = time.perf_counter() - start
+        if res.returncode == 2:  # a usage error (no such command): nothing was made
+            self.created = was
+        if res.returncode != 0:
+            raise BenchError(f"tunnel-create failed: {cli_message(res.stderr, res.stdout, res.returncode)}")
+        src, dst = parse_tunnel_create(res.stdout)
+        return src, dst, seconds
+
+    def delete(self) -> None:
+        res = self.cli(0, "tunnel-delete", UNDERLAY[1])
+        if res.returncode != 0:
+            raise BenchError(f"tunnel-delete failed: {cli_message(res.stderr, res.stdout, res.returncode)}")
+
+    def build(self, row: TunnelRow, creates: int) -> Tunnel:
+        """The first create, then CREATES timed ones, each after a tunnel-delete."""
+        src, dst, row.create_first_s = self.create()
+        self.log(f"wormhole tunnel: {src} -> {dst} in {row.create_first_s:.3f} s (first create)")
+        try:
+            for _ in range(creates):
+                self.delete()
+                src, dst, seconds = self.create()
+                row.create_s.append(seconds)
+        except BenchError as exc:
+            row.notes["tunnel-create"] = str(exc)
+            if not self._has_address(src):  # deleted, not recreated: nothing to measure
+                src, dst, _ = self.create()
+        iface = iface_with_address(self.bed.check(0, "ip", "-j", "addr", "show"), src)
+        self.bed.ifaces.add(iface)
+        row.interface = iface
+        res = self.cli(0, "tunnel-list", "--json")
+        try:
+            if res.returncode != 0:
+                raise BenchError(cli_message(res.stderr, res.stdout, res.returncode))
+            entry = parse_tunnel_list(res.stdout, UNDERLAY[1])
+            row.backend = entry.get("backend")
+            if row.backend not in (None, "wireguard-go"):
+                row.notes["backend"] = (f"wormhole's tunnel runs on {row.backend}, the hand-built one "
+                                        "on wireguard-go: the ratio compares implementations")
+            if entry.get("interface") not in (None, iface):
+                row.notes["tunnel-list"] = f"names {entry.get('interface')}, but {src} is on {iface}"
+        except BenchError as exc:
+            row.notes["tunnel-list"] = f"tunnel-list: {exc}"
+        bed = self.bed
+        return Tunnel(dst, iface, lambda: _wireguard_go_pids(bed))
+
+    def _has_address(self, ip: str) -> bool:
+        try:
+            iface_with_address(self.bed.check(0, "ip", "-j", "addr", "show"), ip)
+            return True
+        except BenchError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        if self.created and self.procs and all(p.alive() for p in self.procs):
+            with contextlib.suppress(BenchError):
+                res = self.cli(0, "tunnel-delete", "--force", UNDERLAY[1], timeout=30)
+                if res.returncode != 0 and "no tunnel" not in res.stderr.lower():
+                    self.log(f"wormhole tunnel: cleanup: tunnel-delete: "
+                             f"{cli_message(res.stderr, res.stdout, res.returncode)}")
+        for proc in self.procs:
+            proc.stop()
+        self.procs.clear()  # the Testbed kills the wireguard-go processes left behind
+
+
+def _wireguard_go_pids(bed: Testbed) -> list[int]:
+    """wireguard-go processes serving wormhole's interfaces (wh-*) on either host."""
+    pids = []
+    for ns in bed.ns:
+        with contextlib.suppress(BenchError):
+            for pid in _ns_pids(ns):
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if Path(argv[0].decode(errors="replace")).name == "wireguard-go" and any(
+                        a.startswith(b"wh-") for a in argv[1:]):
+                    pids.append(pid)
+    return pids
+
+
+# --------------------------------------------------------------------------
+# Measurement
+
+
+@contextlib.contextmanager
+def iperf3_server(bed: Testbed, ip: str, tmp: Path) -> Iterator[None]:
+    """iperf3 -s on host 2, bound to the tunnel's overlay IP there."""
+    with Proc(f"iperf3-server-{ip}", bed.argv(1, "iperf3", "-s", "-B", ip, "-p", IPERF_PORT), tmp) as p:
+        bed.wait_listening(1, ip, IPERF_PORT, p)
+        yield
+
+
+def measure(bed: Testbed, tunnel: Tunnel, duration: float) -> tuple[float, float | None]:
+    """One iperf3 run host 1 -> host 2 through TUNNEL: (bits/s, wireguard-go CPU s)."""
+    before = bed.link(0, tunnel.iface)["tx_bytes"]
+    pids = tunnel.wg_pids()
+    cpu0 = [_proc_cpu(p) for p in pids]
+    res = _run(bed.argv(0, "iperf3", "-c", tunnel.remote_ip, "-p", IPERF_PORT,
+                        "-t", f"{duration:g}", "--json"), timeout=duration + 30)
+    cpu1 = [_proc_cpu(p) for p in pids]
+    try:
+        bps = parse_iperf3(res.stdout)
+    except BenchError:
+        if res.returncode != 0 and not res.stdout.strip():
+            raise BenchError(f"iperf3 exited with {res.returncode}: {cli_message(res.stderr)}") from None
+        raise
+    sent = bed.link(0, tunnel.iface)["tx_bytes"] - before
+    if sent < 0.5 * bps * duration / 8:  # the stream went some other way
+        raise BenchError(f"only {sent} bytes left through {tunnel.iface} for "
+                         f"{bps * duration / 8:.0f} received")
+    cpu = None
+    if pids and None not in cpu0 and None not in cpu1:
+        cpu = sum(cpu1) - sum(cpu0)
+    return bps, cpu
+
+
+def run_tunnel(duration: float, log: Callable[[str], None], tmp: Path,
+               rounds: int = ROUNDS, creates: int = CREATES) -> tuple[list[TunnelRow], int | None]:
+    """Both rows of the tunnel table, and the veth MTU."""
+    rows = {name: TunnelRow(name) for name in TUNNEL_ROWS}
+    if os.geteuid() != 0:
+        for row in rows.values():
+            row.error = "needs root (network namespaces)"
+        return list(rows.values()), None
+    with contextlib.ExitStack() as stack:
+        try:
+            bed = stack.enter_context(Testbed(log))
+        except BenchError as exc:
+            log(f"tunnel: test hosts: {exc}")
+            for row in rows.values():
+                row.error = f"test hosts: {exc}"
+            return list(rows.values()), None
+        tunnels: dict[str, Tunnel] = {}
+        log("tunnel: hand-built: wireguard-go + wg + ip on both hosts")
+        try:
+            tunnels["hand-built"] = stack.enter_context(HandBuilt(bed, tmp))
+            rows["hand-built"].interface = tunnels["hand-built"].iface
+            rows["hand-built"].backend = "wireguard-go"
+        except BenchError as exc:
+            log(f"tunnel: hand-built: {exc}")
+            rows["hand-built"].error = str(exc)
+        log("tunnel: wormhole: a wormholed on both hosts, tunnel-create 198.18.0.2")
+        try:
+            side = stack.enter_context(WormholeSide(bed, tmp, log))
+            tunnels["wormhole"] = side.build(rows["wormhole"], creates)
+        except BenchError as exc:
+            log(f"tunnel: wormhole: {exc}")
+            rows["wormhole"].error = str(exc)
+        ready = []
+        for name, tunnel in tunnels.items():
+            try:
+                rows[name].mtu = bed.link(0, tunnel.iface)["mtu"]
+                stack.enter_context(iperf3_server(bed, tunnel.remote_ip, tmp))
+                ready.append(name)
+            except BenchError as exc:
+                rows[name].notes["throughput"] = str(exc)
+        cpu_used: dict[str, list[tuple[float, float]]] = {}  # name -> [(CPU s, bits/s)]
+        for name in abba(ready, rounds):
+            row = rows[name]
+            log(f"tunnel: {name}: iperf3 to {tunnels[name].remote_ip} via {tunnels[name].iface}")
+            try:
+                bps, cpu = measure(bed, tunnels[name], duration)
+            except BenchError as exc:
+                row.notes["throughput"] = str(exc)
+                continue
+            row.samples.append(bps)
+            if cpu is not None:
+                cpu_used.setdefault(name, []).append((cpu, bps))
+        for name, used in cpu_used.items():
+            gb = sum(bps for _, bps in used) * duration / 8 / 1e9
+            if gb:
+                rows[name].cpu_s_per_gb = sum(cpu for cpu, _ in used) / gb
+        return list(rows.values()), bed.veth_mtu
