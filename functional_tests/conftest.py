@@ -1,5 +1,6 @@
 """Fixtures: test hosts and namespaces that are always cleaned up; daemon logs on failure."""
 
+import contextlib
 import itertools
 import os
 
@@ -37,7 +38,20 @@ def make_host(request):
     for host in hosts:
         if failed:
             print(f"\n--- wormholed log of {host.name} ---\n{host.logs()}")
-        host.close()
+            try:
+                if left := host.leftovers():
+                    print(f"--- tunnel state of {host.name} ---\n" + "\n".join(left))
+                    print(host.exec("wg", "show", "all").stdout)
+            except Exception as e:  # the report must not hide the cleanup
+                print(f"(tunnel state of {host.name} not read: {e})")
+    errors = []
+    for host in hosts:
+        try:
+            host.close()
+        except Exception as e:  # close the others all the same
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
@@ -71,3 +85,17 @@ def etc_wormhole_mountpoint():
     yield
     for d in reversed(made):
         d.rmdir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_wireguard_mountpoint():
+    """Each test host mounts a private tmpfs on /run/wireguard (wireguard-go's UAPI sockets)
+    in its own mount namespace; the directory must exist. One made here is removed after."""
+    from harness import RUN_WIREGUARD
+    made = not RUN_WIREGUARD.exists()
+    if made:
+        RUN_WIREGUARD.mkdir(mode=0o755, parents=True)
+    yield
+    if made:
+        with contextlib.suppress(OSError):
+            RUN_WIREGUARD.rmdir()
