@@ -1,4 +1,4 @@
-"""The stand-in images of examples/images/ (DESIGN §9): wormhole/mysql echoes on 3306 and
+"""The stand-in images of examples/images/: wormhole/mysql echoes on 3306 and
 wormhole/wordpress serves its page only when 127.0.0.1:3306 inside its own network
 namespace echoes. Needs a Docker engine at $DOCKER_HOST (`make test` starts one)."""
 

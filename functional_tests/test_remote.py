@@ -33,12 +33,13 @@ def test_remote_wormhole_carries_a_mebibyte_with_half_close(pair):
     ident, url = h1.create("id", "db", "url", ":3306", "remote", "192.0.2.2")
     assert url == "tcp://127.0.0.1:3306"
     [far] = h2.list()
-    assert far["id"] == "db.1" and far["head"].startswith("tcp://192.0.2.2:")
+    assert re.fullmatch(r"db\.1\.[0-9a-f]{8}", far["id"]), "the owner's tag is part of a remote child's id"
+    assert far["head"].startswith("tcp://192.0.2.2:") and far["parent"] == "db@192.0.2.1"
     assert far["tail"] == "tcp://127.0.0.1:3306", "the service-port rule carries 3306 across"
     [near] = h1.list()
-    assert near["child"] == "db.1@192.0.2.2" and near["remote"] == "192.0.2.2"
+    assert near["child"] == f"{far['id']}@192.0.2.2" and near["remote"] == "192.0.2.2"
     assert near["tail"] == far["head"]
-    assert "db.1@192.0.2.2" in h1.ok("list")
+    assert f"{far['id']}@192.0.2.2" in h1.ok("list")
     data = os.urandom(1 << 20)
     with h1.connect(3306) as s:
         s.sendall(data)
@@ -60,7 +61,7 @@ def test_trigger_remote_builds_the_child_on_first_connection(pair):
     h1.create("id", "lazy", "url", ":8001", "trigger", "remote", "192.0.2.2", "tail", "url", ":7001")
     assert h2.list() == [] and h1.list()[0]["state"] == "armed"
     assert roundtrip(h1, 8001) == b"hello wormhole"
-    assert [r["id"] for r in h2.list()] == ["lazy.1"]
+    assert [r["id"].rsplit(".", 1)[0] for r in h2.list()] == ["lazy.1"]
 
 
 def test_delete_cascades_to_the_far_host(pair):
@@ -136,10 +137,10 @@ def test_parent_daemon_crash_and_restart_replaces_its_remote_child(pair):
     h1.create("id", "phoenix", "url", ":8009", "remote", "192.0.2.2", "tail", "url", ":7009")
     assert len(h2.list()) == 1
     h1.stop(signal.SIGKILL)  # no teardown: the child on h2 stays
-    assert [r["id"] for r in h2.list()] == ["phoenix.1"]
+    assert [r["id"].rsplit(".", 1)[0] for r in h2.list()] == ["phoenix.1"]
     h1.start()  # restores phoenix, whose child replaces the stale one
     [fresh] = h2.list()
-    assert fresh["id"] == "phoenix.1" and "phoenix.1: replaced at the request of its owner" in h2.logs()
+    assert fresh["id"].startswith("phoenix.1.") and f"{fresh['id']}: replaced at the request of its owner" in h2.logs()
     assert roundtrip(h1, 8009) == b"hello wormhole"
 
 
@@ -154,5 +155,21 @@ def test_remote_child_is_rebuilt_after_the_peer_restarts(pair):
     assert refused(h1, 8010), "the old child is gone: this connection fails (after the 5 s retry)"
     assert h1.list()[0]["state"] == "armed"
     assert roundtrip(h1, 8010) == b"hello wormhole", "the next one builds the child again"
-    assert [r["id"] for r in h2.list()] == ["heal.1"]
+    assert [r["id"].rsplit(".", 1)[0] for r in h2.list()] == ["heal.1"]
     assert "does not answer; it is rebuilt" in h1.logs()
+
+
+def test_children_of_two_callers_with_the_same_id_do_not_clash(make_host):
+    """The owner is part of a remote child's identity: two daemons' wormholes named alike
+    both get their child on the same peer."""
+    h1, h2, h3 = (make_host(key="shared-key") for _ in range(3))
+    veth(h1, "192.0.2.1/24", h2, "192.0.2.2/24")
+    veth(h3, "198.51.100.3/24", h2, "198.51.100.2/24")
+    h2.echo_server(3306)
+    h1.create("id", "db", "url", ":3306", "remote", "192.0.2.2")
+    h3.create("id", "db", "url", ":3306", "remote", "198.51.100.2")
+    far = sorted(r["id"] for r in h2.list())
+    assert len(far) == 2 and far[0] != far[1] and all(f.startswith("db.1.") for f in far)
+    assert roundtrip(h1, 3306) == roundtrip(h3, 3306) == b"hello wormhole"
+    h1.ok("delete", "db")
+    assert [r["id"] for r in h2.list()] == [h3.list()[0]["child"].split("@")[0]]

@@ -1,4 +1,4 @@
-"""Local wormholes end to end: bytes through real daemons in test hosts (DESIGN §4, §6)."""
+"""Local wormholes end to end: bytes through real daemons in test hosts."""
 
 import os
 import socket
@@ -106,7 +106,7 @@ def test_head_and_tail_in_named_namespaces(host, make_ns):
     ns2.echo_server(7006)
     # head in ns1, tail in ns2
     _, url = host.create("url", f"{ns1.name}@:8006", "tail", "url", f"{ns2.name}@:7006")
-    assert url == f"tcp://netns:{ns1.name}@127.0.0.1:8006"
+    assert url == f"tcp://{ns1.name}@127.0.0.1:8006"
     assert roundtrip(ns1, 8006) == b"hello wormhole"
     assert not host.listening(8006), "the head listens in ns1, not in the daemon's namespace"
     # head in ns1, tail in the daemon's own namespace
@@ -130,7 +130,7 @@ def test_child(host, make_ns):
                              "child", "tail", "url", f"{ns2.name}@:7008")
     rows = {r["id"]: r for r in host.list()}
     assert set(rows) == {"par", "par.1"} and rows["par.1"]["parent"] == "par"
-    assert rows["par.1"]["head"] == f"tcp://netns:{ns1.name}@127.0.0.1:8008"
+    assert rows["par.1"]["head"] == f"tcp://{ns1.name}@127.0.0.1:8008", "a URL that 'url' reads back"
     assert roundtrip(host, 8008) == b"hello wormhole"
     r = host.wormhole("delete", "par.1")
     assert r.returncode == 1 and "delete 'par'" in r.stderr

@@ -1,4 +1,4 @@
-"""JSON-RPC framing and messages (DESIGN §5)."""
+"""JSON-RPC framing and messages."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The create grammar (DESIGN §4): every word, every default, every error."""
+"""The create grammar: every word, every default, every error."""
 
 import pytest
 
@@ -19,8 +19,9 @@ def chain(text):
     (":3306", Url(None, None, None, 3306)),
     ("tcp://:80", Url("tcp", None, None, 80)),
     ("udp://", Url("udp", None, None, None)),
-    ("udp://ns1@10.0.0.1:53", Url("udp", "ns1", "10.0.0.1", 53)),
-    ("ns1@", Url(None, "ns1", None, None)),
+    ("udp://ns1@10.0.0.1:53", Url("udp", Place("netns", "ns1"), "10.0.0.1", 53)),
+    ("ns1@", Url(None, Place("netns", "ns1"), None, None)),
+    ("tcp://docker:db_1@127.0.0.1:3306", Url("tcp", Place("docker-ns", "db_1"), "127.0.0.1", 3306)),
     ("1.2.3.4", Url(None, None, "1.2.3.4", None)),
     ("[::1]:8080", Url(None, None, "::1", 8080)),
     ("[2001:db8::2]", Url(None, None, "2001:db8::2", None)),
@@ -144,7 +145,7 @@ def test_nothing_to_create():
 def test_child_head_copies_tail_and_service_port_follows():
     a, b = chain("url :80 trigger docker-run wp child url :3306 trigger docker-run mysql")
     assert a.trigger and a.tail.place == Place("docker-run", "wp") and a.tail.port == 80
-    assert not a.linked and a.link.kind == "child"
+    assert not a.linked and (a.link.where, a.link.transport, a.link.word) == ("child", "direct", "child")
     assert b.head.place == Place("docker-run", "wp") and b.head.port == 3306 and b.head.host == "127.0.0.1"
     assert b.tail.place == Place("docker-run", "mysql") and b.tail.port == 3306
 
@@ -192,7 +193,7 @@ def test_trigger_defers_the_chain_word_that_follows():
 
 def test_remote_child_words_and_tail():
     p = P("url :3306 remote myserver tail docker-ns mysql")
-    assert p.linked and p.link.kind == "remote" and p.link.host == "myserver"
+    assert p.linked and (p.link.where, p.link.transport) == ("remote", "direct") and p.link.host == "myserver"
     assert p.link.words == ("tail", "docker-ns", "mysql")
     assert p.tail.port is None and p.tail.host is None and p.child is None
     remote = plan(p.link.spec, Context(service_port=p.service_port, head_host=None))
@@ -235,3 +236,38 @@ def test_readme_examples_parse():
 def test_a_remote_child_may_have_no_words():
     p = plan(parse([], child=True), Context(service_port=3306, head_host="192.0.2.2"))
     assert p.head.host == "192.0.2.2" and p.head.port is None and p.tail.port == 3306
+
+
+@pytest.mark.parametrize("words", [
+    "url ns1@:80 tail url ns2@:81",
+    "url :3306 tail docker-ns mysql",
+    "url udp://[::1]:53 tail url udp://dns@[2001:db8::1]:53",
+])
+def test_printed_endpoints_read_back(words):
+    """What `create` and `list` print for an end is a URL `url` reads back to the same end."""
+    p = P(words)
+    for end in (p.head, p.tail):
+        url = Url.parse(str(end))
+        assert (url.proto, url.place or HOST, url.host, url.port) == (end.proto, end.place, end.host, end.port)
+
+
+def test_a_container_still_to_start_prints_as_words():
+    p = plan(parse(["url", ":80", "trigger", "docker-run", "wormhole/wordpress"]))
+    assert str(p.tail) == 'docker-run "wormhole/wordpress" url tcp://127.0.0.1:80'
+
+
+def test_links_split_where_from_transport():
+    for word, where, transport in (("child", "child", "direct"), ("chain", "chain", "direct"),
+                                   ("remote", "remote", "direct"), ("tunnel", "remote", "tunnel"),
+                                   ("udptunnel", "remote", "udptunnel")):
+        link = parse(["url", ":80", word] + (["h"] if word in ("remote", "tunnel", "udptunnel") else [])).child
+        assert (link.where, link.transport, link.word) == (where, transport, word)
+        assert link.remote == (where == "remote") and link.tunnelled == (transport != "direct")
+
+
+def test_chain_ids_and_remote_child_ids():
+    p = P("id a url :80 tail url :81 chain tail url :82 child id c tail url :83")
+    assert p.chain_ids("a") == ["a", "a.1", "c"]
+    r = P("url :3306 tunnel myserver")
+    assert r.remote_child_id("x") == "x.1" and p.remote_child_id("a") is None
+    assert P("url :3306 remote h id far").remote_child_id("x") == "far"

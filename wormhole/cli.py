@@ -29,8 +29,9 @@ Words are read left to right; modifiers apply to the head until 'tail' or
   child              a child wormhole whose head starts as a copy of this tail
   chain              like child, and this tail connects to the child's head
   remote HOST        the following words build a child on HOST's daemon
-  tunnel HOST        as remote, over an encrypted tunnel to HOST
-  udptunnel HOST     as tunnel, UDP-encapsulated
+  tunnel HOST        as remote, over an encrypted tunnel to HOST (made or reused
+                     as by tunnel-create); the child listens on HOST's overlay address
+  udptunnel HOST     as tunnel, UDP-encapsulated (ESP-in-UDP for ipsec; WireGuard is UDP)
 
 \b
 Defaults: head tcp://127.0.0.1 on the given or an ephemeral port; the tail
@@ -42,6 +43,7 @@ Examples:
   wormhole create url :53 tail url udp://dns@:53
   wormhole create url :3306 tail docker-ns mysql
   wormhole create url :80 trigger docker-run "wormhole/wordpress"
+  wormhole create url :3306 tunnel myserver trigger docker-ns mysql
 """
 
 
@@ -132,9 +134,61 @@ def list_(obj: Ctx, as_json):
         child = r.get("child") or (f"(on {r['remote']})" if r.get("remote") else "-")
         table.append((r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}",
                       f"{r['bytes_in']}/{r['bytes_out']}", child))
+    _print_table(table)
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@cli.command("tunnel-create")
+@click.option("--type", "kind", type=click.Choice(["wireguard", "ipsec"]),
+              help="Tunnel type (default: the daemon's --tunnel-type, wireguard unless told).")
+@click.option("--udp", is_flag=True, help="UDP-encapsulated (ESP-in-UDP for ipsec; WireGuard is UDP already).")
+@click.argument("host")
+@click.pass_obj
+def tunnel_create(obj: Ctx, kind, udp, host):
+    """Build an encrypted tunnel between the daemon and HOST's daemon (same key.secret).
+
+    Prints "SRC DST": the overlay addresses of this end and of HOST's end, a pair from
+    the daemons' -C network. Running it again prints the same pair and changes nothing;
+    a tunnel whose far half is gone (HOST rebooted) is rebuilt. Tunnels outlive the
+    daemons; tunnel-delete removes both halves. HOST is a daemon address as for ping."""
+    res = obj.call("tunnel-create", {"host": host, "type": kind, "udp": udp})
+    click.echo(f"{res['local_ip']} {res['remote_ip']}")
+
+
+@cli.command("tunnel-delete")
+@click.option("--force", is_flag=True, help="Also delete the wormholes that use the tunnel.")
+@click.argument("host")
+@click.pass_obj
+def tunnel_delete(obj: Ctx, force, host):
+    """Remove the tunnel to HOST: both halves. Refused while wormholes use it, unless --force."""
+    for warning in obj.call("tunnel-delete", {"host": host, "force": force}).get("warnings", []):
+        click.echo(f"wormhole: warning: {warning}", err=True)
+
+
+@cli.command("tunnel-list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def tunnel_list(obj: Ctx, as_json):
+    """Tunnels: peer, type, overlay pair (here-there), underlay endpoints, interface,
+    latest handshake, bytes received/sent, state, and the wormholes that use each."""
+    rows = obj.call("tunnel-list")
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    table = [("PEER", "TYPE", "OVERLAY", "UNDERLAY", "INTERFACE", "HANDSHAKE", "RX/TX", "STATE", "USERS")]
+    now = time.time()
+    for r in rows:
+        hs = r.get("latest_handshake")
+        table.append((r["peer"], f"{r['type']}/{r['backend']}", f"{r['local_ip']}-{r['remote_ip']}",
+                      f"{r['local_endpoint']}-{r['remote_endpoint']}", r["interface"],
+                      f"{now - hs:.0f}s ago" if hs else "never", f"{r['rx_bytes']}/{r['tx_bytes']}", r["state"],
+                      ",".join(r["users"]) or "-"))
+    _print_table(table)
 
 
 @cli.command("keygen")

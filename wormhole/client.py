@@ -31,9 +31,19 @@ class Client:
             await self._writer.drain()
             return protocol.parse_response(await asyncio.wait_for(self._line(), timeout), id_)
         except TimeoutError:
-            raise Failed(f"wormholed at {self.addr} did not answer {method!r} within {timeout:g} s") from None
+            raise Failed(f"wormholed at {self.addr} did not answer {method!r} in time"
+                         + (f" ({timeout:g} s)" if timeout is not None else "")) from None
         except (OSError, EOFError, ssl.SSLError) as e:
             raise Failed(f"lost the connection to wormholed at {self.addr}: {_reason(e)}") from None
+
+    @property
+    def sockname(self):
+        """Our end of the channel: (ip, port, ...) on TCP."""
+        return self._writer.get_extra_info("sockname")
+
+    @property
+    def peername(self):
+        return self._writer.get_extra_info("peername")
 
     async def _line(self):
         while not self._lines:

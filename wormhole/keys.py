@@ -1,4 +1,8 @@
-"""The pre-shared key (DESIGN §3) and the TLS 1.3 external-PSK contexts built on it (§5)."""
+"""The pre-shared key (key.secret) and the TLS 1.3 external-PSK contexts built on it.
+
+The key file is refused when missing, empty, not a regular file, or readable by
+group or others (as ssh does). The contexts: the server has no certificate, and the
+client trusts no CA, so a handshake succeeds only when the PSK authenticated it."""
 
 from __future__ import annotations
 

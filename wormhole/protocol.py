@@ -1,4 +1,8 @@
-"""JSON-RPC 2.0 over lines (DESIGN §5): framing, messages and error codes. No I/O."""
+"""JSON-RPC 2.0 over lines: framing, messages and error codes. No I/O.
+
+One JSON object per line; a line over MAX_LINE is refused. Application errors carry
+one of two codes: REFUSED (the caller asked for something wrong) and FAILED (the
+system or a peer failed)."""
 
 from __future__ import annotations
 

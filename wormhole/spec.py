@@ -1,11 +1,21 @@
 """The `create` grammar: words -> a frozen SegmentSpec chain -> a resolved Plan.
 
 Pure: no sockets, no namespaces, no daemon. `parse` reads the words left to
-right (DESIGN §4); `plan` applies the defaults (proto, host, service port,
+right (modifiers apply to the head until `tail` or `trigger`; a chain word
+starts a child); `plan` applies the defaults (proto, host, service port,
 inherited namespaces) and the rules that make a spec unbuildable (a tail with
 no port, a wormhole that proxies to itself). The daemon builds what the Plan
 says; a remote daemon re-plans the words of its part with the context the
-caller gives it.
+caller gives it. The ids a wormhole's children get are decided here too, so
+that the daemon can reserve them before it builds anything.
+
+A child hangs off its parent by a `Link`, which says two independent things:
+*where* the child lives (`child`, `chain`: this daemon; `remote`: another
+daemon) and *how its bytes travel* to it (`direct`, or through an encrypted
+`tunnel`/`udptunnel` to that daemon). The words map onto the pairs:
+
+    child -> (child, direct)      chain -> (chain, direct)
+    remote -> (remote, direct)    tunnel -> (remote, tunnel)    udptunnel -> (remote, udptunnel)
 """
 
 from __future__ import annotations
@@ -18,8 +28,11 @@ from dataclasses import dataclass
 from .docker_args import RunArgsError, parse_run_args
 
 PROTOS = ("tcp", "udp")
-CHAIN_WORDS = ("child", "chain", "remote", "tunnel", "udptunnel")
-REMOTE_WORDS = ("remote", "tunnel", "udptunnel")
+# chain word -> (where the child lives, how its bytes travel)
+LINK_WORDS = {
+    "child": ("child", "direct"), "chain": ("chain", "direct"), "remote": ("remote", "direct"),
+    "tunnel": ("remote", "tunnel"), "udptunnel": ("remote", "udptunnel"),
+}
 # word -> number of arguments it takes
 ARITY = {
     "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "tail": 0, "trigger": 0,
@@ -32,6 +45,11 @@ WILDCARDS = ("0.0.0.0", "::")
 
 class SpecError(ValueError):
     """The words asked for something wrong; the message is fit for the user."""
+
+
+def hostport(host: str, port: int | str) -> str:
+    """host:port as a user writes it: [v6]:port for IPv6. The one formatter of addresses."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 # --- values the user wrote -------------------------------------------------
@@ -81,11 +99,37 @@ def check_name(text: str, what: str) -> str:
 
 
 @dataclass(frozen=True)
+class Place:
+    """Which network namespace an end lives in."""
+
+    kind: str  # "host" (the daemon's own), "netns", "docker-ns", "docker-run"
+    arg: str = ""
+
+    @property
+    def prefix(self) -> str | None:
+        """How a URL names this place (`NAME@`, `docker:NAME@`); None: a URL cannot
+        (a container still to be started)."""
+        return {"host": "", "netns": f"{self.arg}@", "docker-ns": f"docker:{self.arg}@"}.get(self.kind)
+
+    def __str__(self) -> str:
+        """As create's words would say it."""
+        return {"host": "the daemon's namespace", "netns": f"netns {self.arg}",
+                "docker-ns": f"docker-ns {self.arg}", "docker-run": f'docker-run "{self.arg}"'}[self.kind]
+
+
+HOST = Place("host")
+DOCKER_PREFIX = "docker:"
+
+
+@dataclass(frozen=True)
 class Url:
-    """`[tcp|udp://][NS@][HOST][:PORT]`; a field left out is None (not given)."""
+    """`[tcp|udp://][NS@|docker:CONTAINER@][HOST][:PORT]`; a field left out is None (not given).
+
+    `docker:NAME@` is the namespace of a running container (as `docker-ns NAME`): it lets
+    the URLs that `create` and `list` print be read back by `url`."""
 
     proto: str | None = None
-    netns: str | None = None
+    place: Place | None = None
     host: str | None = None
     port: int | None = None
 
@@ -97,36 +141,24 @@ class Url:
             proto, _, text = text.partition("://")
             if proto not in PROTOS:
                 raise SpecError(f"bad protocol {proto!r} in {what}: use tcp or udp")
-        netns = None
+        place = None
         if "@" in text:
-            netns, _, text = text.partition("@")
-            check_name(netns, "namespace name")
+            name, _, text = text.partition("@")
+            if name.startswith(DOCKER_PREFIX):
+                place = Place("docker-ns", check_name(name[len(DOCKER_PREFIX):], "container"))
+            else:
+                place = Place("netns", check_name(name, "namespace name"))
         host, port = split_host_port(text, what)
-        return cls(proto, netns, host, port)
+        return cls(proto, place, host, port)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if self.host and ":" in self.host else (self.host or "")
         return "".join((
             f"{self.proto}://" if self.proto else "",
-            f"{self.netns}@" if self.netns else "",
+            self.place.prefix or "" if self.place else "",
             host,
             f":{self.port}" if self.port is not None else "",
         ))
-
-
-@dataclass(frozen=True)
-class Place:
-    """Which network namespace an end lives in."""
-
-    kind: str  # "host" (the daemon's own), "netns", "docker-ns", "docker-run"
-    arg: str = ""
-
-    def __str__(self) -> str:
-        return {"host": "host", "netns": f"netns:{self.arg}", "docker-ns": f"container:{self.arg}",
-                "docker-run": f"docker-run:{self.arg}"}[self.kind]
-
-
-HOST = Place("host")
 
 
 @dataclass(frozen=True)
@@ -144,7 +176,7 @@ class EndSpec:
             proto=url.proto or self.proto,
             host=url.host if url.host is not None else self.host,
             port=url.port if url.port is not None else self.port,
-            place=Place("netns", url.netns) if url.netns else self.place,
+            place=url.place or self.place,
         )
 
     @property
@@ -154,21 +186,31 @@ class EndSpec:
 
 @dataclass(frozen=True)
 class Link:
-    """How a wormhole's child hangs off it (the word that made it)."""
+    """How a wormhole's child hangs off it: where the child lives and how bytes reach it."""
 
-    kind: str  # one of CHAIN_WORDS
-    host: str | None  # remote/tunnel/udptunnel: the peer daemon's address
+    where: str  # "child", "chain" (this daemon) or "remote" (the daemon at `host`)
+    transport: str  # "direct", "tunnel" or "udptunnel" (an encrypted tunnel to `host`)
+    host: str | None  # remote: the peer daemon's address
     words: tuple[str, ...]  # the child's own words (what a remote daemon is sent)
     spec: SegmentSpec
 
     @property
+    def word(self) -> str:
+        """The chain word the user wrote."""
+        return self.where if self.transport == "direct" else self.transport
+
+    @property
     def linked(self) -> bool:
         """The parent's tail connects to this child's head."""
-        return self.kind != "child"
+        return self.where != "child"
 
     @property
     def remote(self) -> bool:
-        return self.kind in REMOTE_WORDS
+        return self.where == "remote"
+
+    @property
+    def tunnelled(self) -> bool:
+        return self.transport != "direct"
 
 
 @dataclass(frozen=True)
@@ -232,13 +274,14 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
 
 
 def _parse_link(word: str, host: str | None, fields: dict, words: tuple[str, ...], i: int) -> Link:
-    if word in REMOTE_WORDS:
+    where, transport = LINK_WORDS[word]
+    if where == "remote":
         if fields["tail"].given:
             raise SpecError(f"'{word}' makes the tail connect to the child on {host}: "
                             f"give tail settings after '{word} {host}'")
         split_host_port(host, f"{word} {host!r}")
     # A child's head starts as a copy of this tail: `plan` fills what its words leave out.
-    return Link(word, host, words[i:], _parse_segment(words, i))
+    return Link(where, transport, host, words[i:], _parse_segment(words, i))
 
 
 # --- planning ----------------------------------------------------------------
@@ -252,10 +295,12 @@ class Endpoint:
     port: int | None  # None: ephemeral (heads) / the remote child's head (tails)
 
     def __str__(self) -> str:
-        host = self.host or "*"
-        host = f"[{host}]" if ":" in host else host
-        where = "" if self.place == HOST else f"{self.place}@"
-        return f"{self.proto}://{where}{host}:{self.port if self.port is not None else '*'}"
+        """As create's words would say it: a URL, after `docker-run "ARGS"` for a container
+        still to be started; `*` for what is known only once built."""
+        url = f"{self.proto}://{hostport(self.host or '*', self.port if self.port is not None else '*')}"
+        if self.place.prefix is None:
+            return f"{self.place} url {url}"
+        return url.replace("://", f"://{self.place.prefix}", 1)
 
 
 @dataclass(frozen=True)
@@ -292,9 +337,23 @@ class Plan:
             yield plan
             plan = plan.child
 
+    def chain_ids(self, root_id: str) -> list[str]:
+        """The ids this wormhole (named root_id) and its local children get: a child's own
+        `id`, else its parent's id + ".1"."""
+        ids = [root_id]
+        for p in list(self.chain())[1:]:
+            ids.append(p.id or f"{ids[-1]}.1")
+        return ids
+
+    def remote_child_id(self, own_id: str) -> str | None:
+        """The id asked of the peer for a remote child (the peer adds its owner's tag)."""
+        if self.link is None or not self.link.remote:
+            return None
+        return self.link.spec.id or f"{own_id}.1"
+
 
 def plan(spec: SegmentSpec, ctx: Context = Context()) -> Plan:
-    """Resolve the defaults of DESIGN §4 and check the rules; raises SpecError."""
+    """Resolve the defaults and check the rules; raises SpecError."""
     head = Endpoint(
         proto=spec.head.proto or ctx.head_proto,
         place=spec.head.place or ctx.head_place,

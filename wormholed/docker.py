@@ -16,7 +16,7 @@ import docker
 from docker.errors import DockerException, ImageNotFound, NotFound
 
 from wormhole.docker_args import RunSpec
-from wormhole.protocol import Failed, Refused
+from .errors import Failed, Refused
 
 from .netns import Netns, NetnsError
 
@@ -138,7 +138,8 @@ def _netns_of(container, ident: str) -> Netns:
         ns = Netns.of_pid(state["Pid"])
     except NetnsError as e:
         raise Failed(f"container {ident!r}: {e}") from None
-    ns.label = f"docker:{container.name}"
+    ns.label = ns.prefix = f"docker:{container.name}"
+    ns.prefix += "@"
     return ns
 
 

@@ -1,4 +1,10 @@
-"""wormholed: flags, the uvloop event loop, signals, systemd activation and notification."""
+"""wormholed: flags, the uvloop event loop, signals, systemd activation and notification.
+
+`run` owns the daemon's objects and their order: at start, stray containers
+are swept, tunnels rediscovered (and repaired), then wormholes restored, and
+only then READY=1; at stop, the control server's handlers (a `create` still
+running is rolled back) and the tunnel monitor are cancelled first, then the
+wormholes are closed. Tunnels stay up: they outlive the daemon."""
 
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ from . import systemd
 from .api import ControlServer, methods
 from .docker import Docker
 from .peers import Peers
-from .segments import Env, Places
+from .places import Places
+from .segments import Env
 from .state import StateDir
+from .tunnels.table import Settings, Tunnels
 from .wormholes import Wormholes
 
 log = logging.getLogger("wormholed")
@@ -38,9 +46,10 @@ class Config:
     state_dir: str
     internal_ip: str | None = None
     external_ip: str | None = None
-    cidr: str = "100.65.0.0/14"
+    cidr: str = "100.64.0.0/14"
     ports: tuple[int, int] = (4500, 4599)
     tunnel_type: str = "wireguard"
+    wireguard_go: str | None = None
     inherited: list = field(default_factory=list)  # sockets from systemd
 
 
@@ -97,11 +106,17 @@ async def run(config: Config) -> None:
     raise_fd_limit()
     state = StateDir(config.state_dir)
     state.ensure()
-    docker = Docker(state.daemon_id())
-    wormholes = Wormholes(state, Env(Places(docker), Peers(config.key)))
-    control = ControlServer(methods(wormholes, Peers(config.key)), config.key)
+    daemon_id = state.daemon_id()
+    docker = Docker(daemon_id)
+    peers = Peers(config.key)
+    tunnels = Tunnels(state.tunnels, peers, config.key, daemon_id, Settings(
+        cidr=config.cidr, ports=config.ports, internal_ip=config.internal_ip, external_ip=config.external_ip,
+        default_type=config.tunnel_type, wireguard_go=config.wireguard_go))
+    wormholes = Wormholes(state, Env(Places(docker), peers, tunnels, daemon_id))
+    control = ControlServer(methods(wormholes, peers, tunnels), config.key)
     socks = list(config.inherited)
     made = []
+    monitor = None
     try:
         for addr in config.addrs:
             try:
@@ -117,6 +132,8 @@ async def run(config: Config) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await docker.remove_strays()
+        await tunnels.rediscover()
+        monitor = asyncio.create_task(tunnels.monitor())
         await wormholes.restore()
         where = ", ".join(str(a) for a in config.addrs) or f"{len(config.inherited)} socket(s) from systemd"
         log.info("listening on %s", where)
@@ -125,7 +142,11 @@ async def run(config: Config) -> None:
         log.info("stopping")
         systemd.notify("STOPPING=1")
     finally:
+        if monitor is not None:
+            monitor.cancel()
         await control.aclose()
+        if monitor is not None:
+            await asyncio.gather(monitor, return_exceptions=True)
         await wormholes.aclose()
         for sock in socks:
             sock.close()
@@ -145,10 +166,12 @@ def _ip(ctx, param, value):
 
 def _cidr(ctx, param, value):
     try:
-        ipaddress.ip_network(value, strict=False)  # DESIGN's default, 100.65.0.0/14, has host bits set
-        return value
+        net = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a network like 100.65.0.0/14") from None
+        raise click.BadParameter(f"{value!r} is not a network like 100.64.0.0/14") from None
+    if net.num_addresses < 2:
+        raise click.BadParameter(f"{value!r} holds no pair of addresses")
+    return str(net)
 
 
 def _ports(ctx, param, value):
@@ -172,17 +195,22 @@ def _addrs(ctx, param, values):
 @click.option("-K", "--key-file", default=DEFAULT_KEYFILE, show_default=True, metavar="KEYFILE",
               help="Pre-shared key; must not be readable by group or others.")
 @click.option("-I", "--internal-ip", callback=_ip, metavar="IP",
-              help="Internal IP for tunnels (default: source of the default route).")
-@click.option("-E", "--external-ip", callback=_ip, metavar="IP", help="IP peers reach (default: -I).")
-@click.option("-C", "--cidr", default="100.65.0.0/14", show_default=True, callback=_cidr,
-              help="Overlay network tunnels take their addresses from (same on all hosts).")
+              help="This host's underlay address for tunnels (default: the source address of the route toward "
+                   "each peer, which is the default route's for most peers).")
+@click.option("-E", "--external-ip", callback=_ip, metavar="IP", help="The address peers send tunnel traffic to, when NAT makes it differ from -I (default: -I).")
+@click.option("-C", "--cidr", default="100.64.0.0/14", show_default=True, callback=_cidr,
+              help="Overlay network tunnels take their address pairs from (the same on all hosts).")
 @click.option("-P", "--ports", default="4500-4599", show_default=True, callback=_ports, metavar="LO-HI",
-              help="UDP ports for UDP-encapsulated tunnels.")
-@click.option("--tunnel-type", type=click.Choice(["wireguard", "ipsec"]), default="wireguard", show_default=True)
+              help="UDP ports tunnels listen on (WireGuard; ESP-in-UDP).")
+@click.option("--tunnel-type", type=click.Choice(["wireguard", "ipsec"]), default="wireguard", show_default=True,
+              help="Type of the tunnels that 'tunnel' words and tunnel-create build unless told.")
+@click.option("--wireguard-go", "wireguard_go", metavar="PATH",
+              help="Userspace WireGuard to run when the kernel has no WireGuard module "
+                   "(default: wireguard-go on PATH).")
 @click.option("--state-dir", default="/var/lib/wormhole", show_default=True, metavar="DIR",
               help="Where wormhole records are kept across restarts.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, state_dir, verbose):
+def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, verbose):
     """The wormhole daemon: runs the proxies `wormhole create` asks for.
 
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
@@ -198,7 +226,7 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, sta
     if not addrs and not inherited:
         addrs = (Address.parse(":9999"),)
     config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
-                    tunnel_type, inherited)
+                    tunnel_type, wireguard_go, inherited)
     try:
         uvloop.run(run(config))
     except StartError as e:

@@ -20,6 +20,8 @@ import os
 import socket
 import threading
 
+from wormhole.spec import hostport
+
 __all__ = ["NetnsError", "Netns", "make_socket", "hostport"]
 
 log = logging.getLogger("wormholed.netns")
@@ -40,12 +42,14 @@ class Netns:
     use it as a context manager.
     """
 
-    __slots__ = ("_fd", "label", "_key", "_spares")
+    __slots__ = ("_fd", "label", "prefix", "_key", "_spares")
 
-    def __init__(self, fd: int, label: str) -> None:
-        """Take ownership of ``fd``, an open network-namespace file."""
+    def __init__(self, fd: int, label: str, prefix: str = "") -> None:
+        """Take ownership of ``fd``, an open network-namespace file. ``label`` names it in
+        messages; ``prefix`` is how a URL names it (``NAME@``, ``docker:NAME@``)."""
         self._fd = fd
         self.label = label
+        self.prefix = prefix
         st = os.fstat(fd)
         self._key = (st.st_dev, st.st_ino)
         self._spares: dict[tuple[int, int], list[socket.socket]] = {}  # see make_socket
@@ -61,7 +65,9 @@ class Netns:
             raise NetnsError(f"no network namespace named {name!r}") from None
         except OSError as exc:
             raise NetnsError(f"cannot open network namespace {name!r}: {exc.strerror}") from None
-        return cls._checked(fd, f"netns:{name}")
+        ns = cls._checked(fd, f"netns:{name}")
+        ns.prefix = f"{name}@"
+        return ns
 
     @classmethod
     def of_pid(cls, pid: int) -> Netns:
@@ -190,11 +196,6 @@ class _Workers:
 
 
 _workers = _Workers()
-
-
-def hostport(host: str, port: int) -> str:
-    """host:port as a user writes it, [v6]:port for IPv6."""
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _where(addr) -> str:

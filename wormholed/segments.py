@@ -2,9 +2,16 @@
 
 A Segment is one proxy: a head listening in some namespace and a tail it
 dials. It builds what its Plan says; what is deferred by `trigger` (the tail's
-namespace and the child) is built once, on the first connection, while later
-connections wait for the same attempt. Every resource a segment makes is pushed
-on an exit stack, so a failed build or a delete leaves nothing behind.
+namespace and what lies behind the tail) is built once, on the first
+connection, while later connections wait for the same attempt. What lies
+behind the tail (nothing, a local child, a remote one, a tunnel) is its Link's
+business (`links.py`). Every resource a segment makes is pushed on an exit
+stack, so a failed build or a delete leaves nothing behind.
+
+States: *armed* (listening; the tail side is built on the next connection)
+and *active* (the tail side is built: `target` is set). A remote child that
+stops answering sends the segment back to armed, so the next connection
+builds it again.
 """
 
 from __future__ import annotations
@@ -16,82 +23,27 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from wormhole.docker_args import parse_run_args
-from wormhole.protocol import Failed, Refused, RpcError
-from wormhole.spec import HOST, Endpoint, Place, Plan
+from wormhole.spec import Place, Plan
 
-from .docker import Docker
-from .netns import Netns, NetnsError, hostport, make_socket
+from .errors import Failed, Refused
+from .links import Target, format_url, link_for
+from .netns import Netns, make_socket
 from .peers import Peers
+from .places import Places
 from .proxy.tcp import Stats, TcpProxy, dial
 from .proxy.udp import UdpProxy, dial_udp
 
 log = logging.getLogger("wormholed")
 
-NOT_YET = {
-    "tunnel": "'tunnel' needs tunnel support, which this wormholed does not have yet",
-    "udptunnel": "'udptunnel' needs tunnel support, which this wormholed does not have yet",
-}
-
-
-def check_supported(plan: Plan) -> None:
-    """Refuse, before anything is built (even when deferred by a trigger), words whose
-    support has not landed. A remote child's words are its own daemon's to check."""
-    for p in plan.chain():
-        if p.link is not None and p.link.kind in NOT_YET:
-            raise Refused(NOT_YET[p.link.kind])
-
-
-class Places:
-    """Turns a Place into an open Netns (None: the daemon's own namespace); what it
-    starts (a container) and opens is undone by `stack`."""
-
-    def __init__(self, docker: Docker | None = None):
-        self._docker = docker
-
-    async def open(self, place: Place, stack: contextlib.AsyncExitStack, owner: str) -> Netns | None:
-        if place == HOST:
-            return None
-        if place.kind == "netns":
-            try:
-                ns = Netns.named(place.arg)
-            except NetnsError as e:
-                raise Refused(str(e)) from None
-        elif self._docker is None:
-            raise Refused(f"{place}: this wormholed has no Docker support")
-        elif place.kind == "docker-ns":
-            ns = await self._docker.netns(place.arg)
-        elif place.kind == "docker-run":
-            cid, ns = await self._docker.run(parse_run_args(place.arg), owner)
-            stack.push_async_callback(self._docker.remove, cid)
-        else:
-            raise Refused(f"unknown place {place}")
-        stack.callback(ns.close)
-        return ns
-
 
 @dataclass
 class Env:
-    """What segments use from the daemon: namespaces (and containers), and peers."""
+    """What segments use from the daemon: places (namespaces, containers), peers, tunnels."""
 
     places: Places
     peers: Peers | None = None
-
-
-def child_id(plan: Plan, parent_id: str) -> str:
-    return plan.id or f"{parent_id}.1"
-
-
-def chain_ids(plan: Plan, root_id: str) -> list[str]:
-    """The ids a wormhole and its (future) local children get."""
-    ids = [root_id]
-    for p in list(plan.chain())[1:]:
-        ids.append(child_id(p, ids[-1]))
-    return ids
-
-
-def remote_child_id(plan: Plan, parent_id: str) -> str:
-    return plan.link.spec.id or f"{parent_id}.1"
+    tunnels: object | None = None  # tunnels.table.Tunnels
+    daemon_id: str = ""
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -101,27 +53,13 @@ def family_of(host: str) -> socket.AddressFamily:
         return socket.AF_INET
 
 
-def format_url(proto: str, ns: Netns | None, host: str, port: int) -> str:
-    return f"{proto}://{f'{ns.label}@' if ns is not None else ''}{hostport(host, port)}"
-
-
-@dataclass
-class Target:
-    """Where a tail dials, once known."""
-
-    ns: Netns | None
-    host: str
-    port: int
-
-    def url(self, proto: str) -> str:
-        return format_url(proto, self.ns, self.host, self.port)
-
-
 class Segment:
     def __init__(self, plan: Plan, ident: str, env: Env, *, parent: Segment | None = None,
                  inherited: dict[Place, Netns | None] | None = None, owner: str | None = None):
         self.plan, self.id, self.parent, self.owner = plan, ident, parent, owner
-        self._env = env
+        self.owner_label: str | None = None  # how `list` names the owner of a remote child
+        self.env = env
+        self._link = link_for(plan)
         self._inherited = inherited or {}
         self._stack = contextlib.AsyncExitStack()  # head side: lives as long as the segment
         self._armed_stack: contextlib.AsyncExitStack | None = None  # tail side + child
@@ -142,16 +80,35 @@ class Segment:
     def state(self) -> str:
         return "active" if self.target is not None else "armed"
 
+    @property
+    def root(self) -> Segment:
+        seg = self
+        while seg.parent is not None:
+            seg = seg.parent
+        return seg
+
     def chain(self):
         seg: Segment | None = self
         while seg is not None:
             yield seg
             seg = seg.child
 
+    def hold(self, callback) -> None:
+        """Call `callback()` when the segment closes (a resource it uses, such as a tunnel)."""
+        self._stack.callback(callback)
+
     async def _open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
         if place in self._inherited:
             return self._inherited[place]
-        return await self._env.places.open(place, stack, self.id)
+        return await self.env.places.open(place, stack, self.id)
+
+    async def start_child(self, tail_ns: Netns | None) -> Segment:
+        """Build this wormhole's local child; it shares the tail's namespace (and container)."""
+        plan = self.plan.child
+        ident = self.plan.chain_ids(self.id)[1]
+        child = Segment(plan, ident, self.env, parent=self, inherited={self.plan.tail.place: tail_ns})
+        await child.start()
+        return child
 
     async def start(self) -> None:
         """Listen, and unless triggered build the tail side; on failure nothing is left."""
@@ -181,48 +138,18 @@ class Segment:
             raise
 
     async def _arm(self) -> None:
-        """Resolve the tail's namespace and build the child; all or nothing."""
+        """Resolve the tail's namespace and build what lies behind it; all or nothing."""
         if self._disarming is not None:
             await asyncio.shield(self._disarming)  # the stale half must be gone first
         stack = contextlib.AsyncExitStack()
         try:
-            tail = self.plan.tail
-            tail_ns = await self._open(tail.place, stack)
-            child = None
-            if self.plan.child is not None:
-                child = Segment(self.plan.child, child_id(self.plan.child, self.id), self._env, parent=self,
-                                inherited={tail.place: tail_ns})
-                await child.start()
-                stack.push_async_callback(child.aclose)
-            if self.plan.link is not None and self.plan.link.remote:
-                target = await self._remote_child(stack)
-            elif self.plan.linked:
-                target = Target(child.head_ns, child.plan.head.host, child.head_port)
-            else:
-                target = Target(tail_ns, tail.host, tail.port)
+            tail_ns = await self._open(self.plan.tail.place, stack)
+            reached = await self._link.open(self, tail_ns, stack)
         except BaseException:
             await stack.aclose()
             raise
-        self._armed_stack, self.child, self.target = stack, child, target
-
-    async def _remote_child(self, stack: contextlib.AsyncExitStack) -> Target:
-        """Have the peer build the child; its head is where our tail dials."""
-        link = self.plan.link
-        ident = remote_child_id(self.plan, self.id)
-        res = await self._env.peers.call(link.host, "child", {
-            "words": list(link.words), "id": ident, "service_port": self.plan.service_port,
-            "proto": self.plan.tail.proto, "owner": f"{socket.gethostname()}:{self.id}",
-        })
-        self.remote = (link.host, res["id"])
-        stack.push_async_callback(self._delete_remote, link.host, res["id"])
-        return Target(None, res["host"], res["port"])
-
-    async def _delete_remote(self, host: str, ident: str) -> None:
-        try:
-            await self._env.peers.call(host, "delete", {"id": ident})
-        except RpcError as e:
-            self.warnings.append(f"the remote half {ident!r} on {host} could not be deleted: {e}")
-            log.warning("wormhole %s: %s", self.id, self.warnings[-1])
+        self._armed_stack, self.child, self.remote = stack, reached.child, reached.remote
+        self.target = reached.target
 
     async def _trigger(self) -> None:
         """Run the trigger once; connections that arrive meanwhile wait for the same run."""
@@ -269,15 +196,17 @@ class Segment:
         return await dial_udp(t.ns, t.host, t.port)
 
     def describe(self) -> dict:
-        tail = self.target.url(self.plan.tail.proto) if self.target else _pending(self.plan.tail)
+        tail = self.target.url(self.plan.tail.proto) if self.target else f"{self.plan.tail} (on the next connection)"
         child = None
         if self.remote:
             child = f"{self.remote[1]}@{self.remote[0]}"
         elif self.child:
             child = self.child.id
+        link = self.plan.link
         return {
-            "id": self.id, "parent": self.parent.id if self.parent else self.owner, "child": child,
-            "remote": self.plan.link.host if self.plan.link and self.plan.link.remote else None,
+            "id": self.id, "parent": self.parent.id if self.parent else self.owner_label, "child": child,
+            "remote": link.host if link and link.remote else None,
+            "transport": link.transport if link and link.remote else None,
             "head": self.head_url, "tail": tail, "state": self.state,
             "connections": self.stats.connections, "total": self.stats.total,
             "bytes_in": self.stats.bytes_in, "bytes_out": self.stats.bytes_out,
@@ -302,8 +231,3 @@ class Segment:
         await self._stack.aclose()
         if self.child is not None:  # its own warnings include its children's
             self.warnings.extend(self.child.warnings)
-
-
-def _pending(tail: Endpoint) -> str:
-    where = "" if tail.place == HOST else f"{tail.place}@"
-    return f"{tail.proto}://{where}{tail.host or '*'}:{tail.port or '*'} (on the next connection)"

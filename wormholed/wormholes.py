@@ -1,17 +1,27 @@
-"""The daemon's table of wormholes: create, delete, list, restore; records kept in step."""
+"""The daemon's table of wormholes: create, delete, list, restore; records kept in step.
+
+A wormhole built for another daemon (a remote child) belongs to that daemon: its
+id here carries its owner's tag (`ID.OWNER8`), so children of two daemons never
+clash, and only records made by this daemon's own users are kept."""
 
 from __future__ import annotations
 
 import logging
 import uuid
 
-from wormhole.protocol import Refused, RpcError
 from wormhole.spec import Context, Plan, SpecError, parse, plan
 
-from .segments import Env, Places, Segment, chain_ids, check_supported
+from .errors import DaemonError, Refused
+from .places import Places
+from .segments import Env, Segment
 from .state import StateDir
 
 log = logging.getLogger("wormholed")
+
+
+def owned_id(ident: str, owner: str) -> str:
+    """The id a remote child gets on this daemon: its asked-for id and its owner's tag."""
+    return f"{ident}.{owner[:8]}"
 
 
 class Wormholes:
@@ -23,30 +33,38 @@ class Wormholes:
     def _taken(self) -> set[str]:
         taken = set()
         for ident, root in self._roots.items():
-            taken.update(chain_ids(root.plan, ident) if root else [ident])
+            taken.update(root.plan.chain_ids(ident) if root else [ident])
         return taken
 
     async def create(self, words: list[str], ident: str | None = None, *, ctx: Context = Context(),
-                     save: bool = True, owner: str | None = None) -> dict:
-        """Build a wormhole; `owner` marks a remote child (kept only while its parent wants it)."""
+                     save: bool = True, owner: str | None = None, owner_label: str | None = None,
+                     tunnel: bool = False) -> dict:
+        """Build a wormhole. `owner`: the daemon id whose wormhole this is a remote child of
+        (replaced when the same owner asks again: it restarted), shown in `list` as
+        `owner_label`; `tunnel`: its head is on
+        the overlay address of the tunnel to that owner, which it holds while it lives."""
         try:
             p: Plan = plan(parse(words, child=owner is not None), ctx)
         except SpecError as e:
             raise Refused(str(e)) from None
-        check_supported(p)
         root_id = ident or p.id or str(uuid.uuid4())
-        old = self._roots.get(root_id)
-        if owner is not None and old is not None and old.owner == owner:
-            # The parent's daemon restarted and rebuilds its child: the old one is stale.
-            log.info("wormhole %s: replaced at the request of its owner %s", root_id, owner)
-            await self.delete(root_id)
-        ids = chain_ids(p, root_id)
+        if owner is not None:
+            root_id = owned_id(root_id, owner)
+            old = self._roots.get(root_id)
+            if old is not None and old.owner == owner:
+                # The parent's daemon restarted and rebuilds its child: the old one is stale.
+                log.info("wormhole %s: replaced at the request of its owner", root_id)
+                await self.delete(root_id)
+        ids = p.chain_ids(root_id)
         clash = sorted(set(ids) & self._taken()) or sorted({i for i in ids if ids.count(i) > 1})
         if clash:
             raise Refused(f"a wormhole with id {clash[0]!r} already exists")
         self._roots[root_id] = None
         seg = Segment(p, root_id, self._env, owner=owner)
+        seg.owner_label = owner_label
         try:
+            if tunnel:
+                seg.hold(self._env.tunnels.use(owner, root_id))
             await seg.start()
             if save:
                 self._state.save(root_id, {"id": root_id, "words": list(words)})
@@ -62,7 +80,7 @@ class Wormholes:
         seg = self._roots.get(ident)
         if seg is None:
             for root_id, root in self._roots.items():
-                if root and ident in chain_ids(root.plan, root_id):
+                if root and ident in root.plan.chain_ids(root_id):
                     raise Refused(f"wormhole {ident!r} is part of {root_id!r}: delete {root_id!r}")
             raise Refused(f"no wormhole with id {ident!r}")
         del self._roots[ident]
@@ -79,7 +97,7 @@ class Wormholes:
         for record in self._state.load():
             try:
                 await self.create(record["words"], record["id"], save=False)
-            except (RpcError, KeyError, TypeError) as e:
+            except (DaemonError, KeyError, TypeError) as e:
                 log.error("could not restore wormhole %s: %s", record.get("id", "?"), e)
 
     async def aclose(self) -> None:

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds the stand-in images the demo and the functional tests run, without any registry:
-# `docker import` of a rootfs made of busybox-static (DESIGN §9).
+# `docker import` of a rootfs made of busybox-static (no registry is needed).
 #
 #   wormhole/mysql      an echo service on 0.0.0.0:3306 (nc -ll...l -p 3306 -e /bin/cat)
 #   wormhole/wordpress  busybox httpd on 0.0.0.0:80; GET / connects to 127.0.0.1:3306 inside

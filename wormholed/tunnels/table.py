@@ -1,0 +1,433 @@
+"""The daemon's table of tunnels: build, reuse, repair and remove them, with the peer.
+
+A tunnel joins this daemon and one peer daemon (one tunnel per peer, named by
+the peer's lasting daemon id). The daemon that is asked (`tunnel-create HOST`,
+or a `tunnel HOST` wormhole) leads; the peer builds its half when told:
+
+    lead                                   peer
+    tunnel-hello {daemon_id, type}   ->    its id, the address to send to, the overlay
+                                           addresses it uses, its half of our tunnel if it
+                                           kept one, and whether it can build the type
+    (pick the pair and a port; keys)
+    tunnel-build {pair, key, port}   ->    builds or updates its half; its public key and port
+    (build our half; if that fails, tunnel-destroy the peer's half when it was new)
+
+Every step is idempotent: asking again for a tunnel that is whole changes
+nothing, and a tunnel whose peer lost its half (rebooted) is rebuilt the same
+way. Private keys never leave their host; the preshared key is derived from
+key.secret on both ends. A record per tunnel (STATE/tunnels/PEER.json) is
+written before the interface is built, so a daemon that dies halfway finds
+it at the next start: `rediscover` keeps what is whole, rebuilds a half whose
+interface or wireguard-go is gone from its record (same keys and port, so the
+peer needs no change), and removes tunnel interfaces nobody recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+from wormhole.addr import Address, AddressError
+from wormhole.spec import hostport
+
+from ..errors import DaemonError, Failed, Refused
+from ..peers import Peers
+from ..state import RecordDir
+from . import iface
+from .ipam import AllocationError, allocate_pair, interface_name, overlay_mtu, overlay_network, port_candidates, \
+    tunnel_id
+from .wgconf import WgConfig, WgPeer, b64, derive_psk, from_b64, new_private_key, public_key
+from .wireguard import Backend, BackendError, KernelWireguard, WireguardGo, choose
+
+log = logging.getLogger("wormholed")
+TYPES = ("wireguard", "ipsec")
+KEEPALIVE = 25  # seconds: keeps NAT mappings open so a peer behind NAT stays reachable
+MONITOR_PERIOD = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    cidr: str = "100.64.0.0/14"
+    ports: tuple[int, int] = (4500, 4599)
+    internal_ip: str | None = None  # -I
+    external_ip: str | None = None  # -E
+    default_type: str = "wireguard"
+    wireguard_go: str | None = None
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """This host's half of a tunnel, as recorded."""
+
+    peer_id: str
+    host: str  # the peer's daemon as named here (what tunnel-delete matches)
+    type: str
+    backend: str  # "kernel" or "wireguard-go"
+    ifname: str
+    local_ip: str  # overlay, this end
+    remote_ip: str  # overlay, the far end
+    local_endpoint: str  # underlay address the peer sends to
+    local_port: int
+    remote_endpoint: str
+    remote_port: int
+    private_key: str  # base64
+    peer_public_key: str  # base64
+
+    @classmethod
+    def from_record(cls, record: dict) -> Tunnel:
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if set(record) != set(fields):
+            raise ValueError(f"fields {sorted(set(record) ^ set(fields))} missing or unknown")
+        for name, kind in fields.items():
+            if not isinstance(record[name], int if kind == "int" else str):
+                raise ValueError(f"field {name!r} has the wrong type")
+        t = cls(**record)
+        for ip in (t.local_ip, t.remote_ip, t.local_endpoint, t.remote_endpoint):
+            ipaddress.ip_address(ip)
+        from_b64(t.private_key), from_b64(t.peer_public_key)
+        return t
+
+    def config(self, secret: bytes, self_id: str) -> WgConfig:
+        psk = derive_psk(secret, tunnel_id(self_id, self.peer_id))
+        bits = ipaddress.ip_address(self.remote_ip).max_prefixlen
+        return WgConfig(from_b64(self.private_key), self.local_port, WgPeer(
+            from_b64(self.peer_public_key), psk, (self.remote_endpoint, self.remote_port),
+            (f"{self.remote_ip}/{bits}",), KEEPALIVE))
+
+
+def _display(ip: str) -> str:
+    """A peer's underlay address as a daemon address the CLI reads back."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def _same_peer(a: str, b: str) -> bool:
+    try:
+        return Address.parse(a) == Address.parse(b)
+    except AddressError:
+        return a == b
+
+
+def _answer(res, host: str, name: str, kind: type):
+    value = res.get(name) if isinstance(res, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise Failed(f"{host}: bad answer from its daemon ({name!r} missing or wrong)")
+    return value
+
+
+class Tunnels:
+    def __init__(self, records: RecordDir, peers: Peers, secret: bytes, daemon_id: str, settings: Settings):
+        self._records, self._peers, self._secret, self._id, self._s = records, peers, secret, daemon_id, settings
+        self._tunnels: dict[str, Tunnel] = {}  # peer daemon id -> this host's half
+        self._drafts: dict[str, Tunnel] = {}  # halves being negotiated: their addresses and ports are taken
+        self._users: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._kernel, self._go = KernelWireguard(), WireguardGo(settings.wireguard_go)
+        self._net = overlay_network(settings.cidr)
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def local_ip(self, peer_id: str) -> str | None:
+        t = self._tunnels.get(peer_id)
+        return t.local_ip if t else None
+
+    def _find(self, host: str) -> Tunnel | None:
+        for t in self._tunnels.values():
+            if _same_peer(t.host, host):
+                return t
+        with contextlib.suppress(AddressError):
+            ip = Address.parse(host).host
+            return next((t for t in self._tunnels.values() if t.remote_endpoint == ip), None)
+        return None
+
+    def use(self, peer_id: str, wormhole_id: str):
+        """Count wormhole_id as a user of the tunnel to peer_id; call the result to stop."""
+        self._users[peer_id][wormhole_id] += 1
+
+        def release():
+            self._users[peer_id][wormhole_id] -= 1
+            if self._users[peer_id][wormhole_id] <= 0:
+                del self._users[peer_id][wormhole_id]
+        return release
+
+    def users_of(self, host: str) -> set[str]:
+        t = self._find(host)
+        return set(self._users.get(t.peer_id, ())) if t else set()
+
+    def _taken(self) -> list[Tunnel]:
+        return [*self._tunnels.values(), *self._drafts.values()]
+
+    def _used_ips(self, but: str | None = None) -> set[str]:
+        return {ip for t in self._taken() if t.peer_id != but for ip in (t.local_ip, t.remote_ip)}
+
+    # --- building blocks -------------------------------------------------------------------
+
+    async def _backend(self, kind: str) -> Backend:
+        if kind == "ipsec":
+            raise Refused("ipsec tunnels are not available in this wormholed yet: use --type wireguard")
+        try:
+            return await asyncio.to_thread(choose, self._kernel, self._go)
+        except BackendError as e:
+            raise Failed(str(e)) from None
+
+    def _named(self, backend: str) -> Backend:
+        return self._kernel if backend == self._kernel.name else self._go
+
+    async def _free_port(self) -> int:
+        """A port of -P that no tunnel here uses and that nothing else holds right now."""
+        lo, hi = self._s.ports
+        try:
+            candidates = port_candidates(lo, hi, {t.local_port for t in self._taken()})
+        except AllocationError as e:
+            raise Refused(str(e)) from None
+        for port in candidates:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                try:
+                    s.bind(("::", port))
+                    return port
+                except OSError:
+                    continue
+        raise Refused(f"no free UDP port in {lo}-{hi}: every one is in use on this host")
+
+    def _endpoint(self, facing: str | None) -> str:
+        ip = self._s.external_ip or self._s.internal_ip or facing
+        if not ip:
+            raise Failed("cannot tell which address peers reach this host at: give -E or -I")
+        return ip
+
+    async def _apply(self, t: Tunnel, force: bool = False) -> None:
+        """Make the interface carry t (a no-op when it does)."""
+        try:
+            await self._named(t.backend).up(t.ifname, t.config(self._secret, self._id), force)
+            mtu = overlay_mtu(await asyncio.to_thread(iface.route_mtu, t.remote_endpoint))
+            await asyncio.to_thread(iface.configure, t.ifname, t.local_ip, t.remote_ip, mtu)
+        except BackendError as e:
+            raise Failed(str(e)) from None
+        except (OSError, ValueError) as e:
+            raise Failed(f"cannot set up tunnel interface {t.ifname}: {getattr(e, 'strerror', None) or e}") from None
+
+    async def _install(self, t: Tunnel, old: Tunnel | None) -> None:
+        """Record t, then build it; a new tunnel that fails is removed again."""
+        self._tunnels[t.peer_id] = t
+        self._records.save(t.peer_id, dataclasses.asdict(t))
+        moved = old is not None and (old.remote_endpoint, old.remote_port) != (t.remote_endpoint, t.remote_port)
+        try:
+            await self._apply(t, force=moved or (old is not None and old != t))
+        except BaseException:
+            if old is None:
+                await self._teardown(t)
+            raise
+
+    async def _teardown(self, t: Tunnel) -> None:
+        self._tunnels.pop(t.peer_id, None)
+        try:
+            await self._named(t.backend).down(t.ifname)
+        finally:
+            self._records.remove(t.peer_id)
+
+    # --- what the CLI asks for ---------------------------------------------------------------
+
+    async def ensure(self, host: str, *, kind: str | None = None, udp: bool = False) -> Tunnel:
+        """The tunnel to host's daemon: reused when whole, else built or repaired on both ends.
+        (`udp`: WireGuard is UDP already; it matters to ipsec.)"""
+        kind = kind or self._s.default_type
+        Peers.address(host)  # a bad address is refused before anything else
+        async with self._locks[f"host:{host}"]:
+            backend = await self._backend(kind)  # what this host cannot build, the peer never builds
+            async with self._peers.session(host) as s:
+                hello = await s.call("tunnel-hello", {"daemon_id": self._id, "type": kind})
+                peer_id = _answer(hello, host, "daemon_id", str)
+                if peer_id == self._id:
+                    raise Refused(f"{host} is this daemon: a tunnel needs another host")
+                if hello.get("unavailable"):
+                    raise Failed(f"{host} cannot build this tunnel: {hello['unavailable']}")
+                draft, old = await self._draft(host, peer_id, hello, backend, self._endpoint(s.local_ip))
+                far_was = hello.get("tunnel")
+                built_far = False
+                try:
+                    far = await s.call("tunnel-build", {
+                        "daemon_id": self._id, "type": kind, "local_ip": draft.remote_ip,
+                        "remote_ip": draft.local_ip, "public_key": b64(public_key(from_b64(draft.private_key))),
+                        "endpoint": draft.local_endpoint, "port": draft.local_port})
+                    built_far = True
+                    t = dataclasses.replace(
+                        draft, peer_public_key=_answer(far, host, "public_key", str),
+                        remote_port=_answer(far, host, "port", int),
+                        remote_endpoint=_answer(far, host, "endpoint", str))
+                    Tunnel.from_record(dataclasses.asdict(t))
+                    async with self._locks[peer_id]:
+                        await self._install(t, old)
+                except BaseException:
+                    if built_far and far_was is None:
+                        with contextlib.suppress(DaemonError):
+                            await s.call("tunnel-destroy", {"daemon_id": self._id})
+                    raise
+                finally:
+                    self._drafts.pop(peer_id, None)
+        if old is None or old != t:
+            log.info("tunnel to %s: %s <-> %s on %s (%s)", host, t.local_ip, t.remote_ip, t.ifname, t.backend)
+        return t
+
+    async def _draft(self, host, peer_id, hello, backend, endpoint) -> tuple[Tunnel, Tunnel | None]:
+        """This end's half before the peer answers: the pair, port and key it keeps, or new ones.
+        A new draft is entered in the table at once, so that no other tunnel takes its addresses."""
+        old = self._tunnels.get(peer_id)
+        remote_endpoint = _answer(hello, host, "endpoint", str)
+        if old is not None:
+            return dataclasses.replace(old, host=host, local_endpoint=endpoint,
+                                       remote_endpoint=remote_endpoint), old
+        far = hello.get("tunnel") if isinstance(hello.get("tunnel"), dict) else None
+        used = self._used_ips() | set(_answer(hello, host, "used", list))
+        if far and {far.get("local_ip"), far.get("remote_ip")}.isdisjoint(self._used_ips()) \
+                and all(ipaddress.ip_address(far[k]) in self._net for k in ("local_ip", "remote_ip")):
+            local_ip, remote_ip = far["remote_ip"], far["local_ip"]  # the pair the peer kept
+        else:
+            try:
+                local_ip, remote_ip = allocate_pair(str(self._net), used)
+            except AllocationError as e:
+                raise Refused(str(e)) from None
+        draft = Tunnel(peer_id, host, "wireguard", backend.name, interface_name(peer_id), local_ip, remote_ip,
+                       endpoint, await self._free_port(), remote_endpoint, 0,
+                       b64(new_private_key()), b64(bytes(32)))
+        self._drafts[peer_id] = draft
+        return draft, None
+
+    async def delete(self, host: str) -> list[str]:
+        """Remove both halves; warnings say what could not be reached."""
+        t = self._find(host)
+        warnings = []
+        try:
+            res = await self._peers.call(host, "tunnel-destroy", {"daemon_id": self._id})
+        except DaemonError as e:
+            if t is None:
+                raise
+            warnings.append(f"the far half of the tunnel on {host} could not be removed: {e}")
+            log.warning("tunnel to %s: %s", host, warnings[-1])
+            res = {}
+        if t is None and not (isinstance(res, dict) and res.get("removed")):
+            raise Refused(f"no tunnel to {host}")
+        if t is not None:
+            async with self._locks[t.peer_id]:
+                await self._teardown(t)
+            log.info("tunnel to %s: deleted (%s)", host, t.ifname)
+        return warnings
+
+    async def list(self) -> list[dict]:
+        rows = []
+        for t in list(self._tunnels.values()):
+            status = await self._named(t.backend).status(t.ifname)
+            peer = status.peers[0] if status and status.peers else None
+            rows.append({
+                "peer": t.host, "peer_id": t.peer_id, "type": t.type, "backend": t.backend,
+                "interface": t.ifname, "local_ip": t.local_ip, "remote_ip": t.remote_ip,
+                "local_endpoint": hostport(t.local_endpoint, t.local_port),
+                "remote_endpoint": hostport(t.remote_endpoint, t.remote_port),
+                "latest_handshake": peer.last_handshake if peer else None,
+                "rx_bytes": peer.rx_bytes if peer else 0, "tx_bytes": peer.tx_bytes if peer else 0,
+                "users": sorted(self._users.get(t.peer_id, ())), "state": "up" if status else "down",
+            })
+        return rows
+
+    # --- what the peer asks for ---------------------------------------------------------------
+
+    async def hello(self, daemon_id: str, kind: str | None, facing: str) -> dict:
+        unavailable = None
+        try:
+            await self._backend(kind or self._s.default_type)
+        except DaemonError as e:
+            unavailable = str(e)
+        t = self._tunnels.get(daemon_id)
+        return {"daemon_id": self._id, "endpoint": self._endpoint(facing), "used": sorted(self._used_ips()),
+                "tunnel": {"local_ip": t.local_ip, "remote_ip": t.remote_ip} if t else None,
+                "unavailable": unavailable}
+
+    async def build_far(self, params: dict, facing: str, caller: str) -> dict:
+        """Build or update this host's half of the caller's tunnel, as the caller drafted it."""
+        def field(name, kind):
+            value = params.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise Refused(f"tunnel-build: parameter {name!r} missing or wrong")
+            return value
+        peer_id = field("daemon_id", str)
+        local_ip, remote_ip = field("local_ip", str), field("remote_ip", str)
+        try:
+            if not all(ipaddress.ip_address(ip) in self._net for ip in (local_ip, remote_ip)):
+                raise Refused(f"overlay pair {local_ip}/{remote_ip} is outside this host's overlay network "
+                              f"{self._net}: give every daemon the same -C")
+            ipaddress.ip_address(field("endpoint", str))
+            from_b64(field("public_key", str))
+        except ValueError as e:
+            raise Refused(f"tunnel-build: {e}") from None
+        backend = await self._backend(params.get("type") or "wireguard")
+        async with self._locks[peer_id]:
+            old = self._tunnels.get(peer_id)
+            if not {local_ip, remote_ip}.isdisjoint(self._used_ips(but=peer_id)):
+                raise Refused(f"overlay pair {local_ip}/{remote_ip} clashes with another tunnel on this host")
+            port = old.local_port if old else await self._free_port()
+            t = Tunnel(peer_id, old.host if old else _display(caller), "wireguard",
+                       old.backend if old else backend.name, interface_name(peer_id), local_ip, remote_ip,
+                       self._endpoint(facing), port, params["endpoint"], field("port", int),
+                       old.private_key if old else b64(new_private_key()), params["public_key"])
+            await self._install(t, old)
+        if old != t:
+            log.info("tunnel to %s: far half %s <-> %s on %s (%s)", t.host, local_ip, remote_ip, t.ifname, t.backend)
+        return {"public_key": b64(public_key(from_b64(t.private_key))), "port": t.local_port,
+                "endpoint": t.local_endpoint}
+
+    async def destroy_far(self, peer_id: str) -> dict:
+        t = self._tunnels.get(peer_id)
+        if t is None:
+            return {"removed": False}
+        async with self._locks[peer_id]:
+            await self._teardown(t)
+        log.info("tunnel to %s: deleted at its request (%s)", t.host, t.ifname)
+        return {"removed": True}
+
+    # --- start and upkeep --------------------------------------------------------------------
+
+    async def rediscover(self) -> None:
+        """Adopt what an earlier run left: keep whole tunnels, rebuild broken halves from their
+        records, remove tunnel interfaces that have none."""
+        for record in self._records.load():
+            try:
+                t = Tunnel.from_record(record)
+            except (ValueError, TypeError) as e:
+                log.error("skipping tunnel record %s: %s", record.get("peer_id", "?"), e)
+                continue
+            self._tunnels[t.peer_id] = t
+        known = {t.ifname for t in self._tunnels.values()}
+        for name in await asyncio.to_thread(iface.tunnel_links):
+            if name not in known:
+                log.warning("removed tunnel interface %s: no record of it (left by a crash)", name)
+                await self._go.down(name)
+        for t in list(self._tunnels.values()):
+            await self._check(t, "found")
+
+    async def _check(self, t: Tunnel, verb: str) -> None:
+        async with self._locks[t.peer_id]:
+            if self._tunnels.get(t.peer_id) is not t:
+                return  # deleted or replaced meanwhile
+            alive = await self._named(t.backend).status(t.ifname) is not None
+            try:
+                await self._apply(t)
+            except DaemonError as e:
+                log.error("tunnel to %s: %s could not be repaired: %s", t.host, t.ifname, e)
+                return
+        if not alive:
+            log.warning("repaired tunnel to %s: rebuilt %s from its record (it was gone)", t.host, t.ifname)
+        elif verb == "found":
+            log.info("tunnel to %s: found %s up (%s)", t.host, t.ifname, t.backend)
+
+    async def monitor(self, period: float = MONITOR_PERIOD) -> None:
+        """Rebuild halves that vanish while the daemon runs (a killed wireguard-go)."""
+        while True:
+            await asyncio.sleep(period)
+            for t in list(self._tunnels.values()):
+                if await self._named(t.backend).status(t.ifname) is None:
+                    await self._check(t, "repair")
