@@ -23,3 +23,13 @@ def test_listen_fds_for_another_pid_are_ignored_and_cleared(monkeypatch):
     monkeypatch.setenv("LISTEN_FDS", "1")
     assert systemd.listen_sockets() == []
     assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
+
+
+def test_the_unit_lets_wireguard_go_outlive_the_daemon():
+    """wireguard-go runs in the daemon's control group under systemd; the default KillMode
+    would kill it with the daemon, and tunnels must outlive it."""
+    import configparser
+    from pathlib import Path
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).parent.parent / "systemd" / "wormholed.service")
+    assert unit["Service"]["KillMode"] == "process" and unit["Service"]["Type"] == "notify"

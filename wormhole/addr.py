@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import SpecError, split_host_port
+from .spec import SpecError, hostport, split_host_port
 
 DEFAULT_PORT = 9999
 
@@ -40,5 +40,4 @@ class Address:
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix://{self.path}"
-        host = self.host or ""
-        return f"tcp://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"tcp://{hostport(self.host or '', self.port)}"

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from wormhole.spec import hostport
+
 KEY_LEN = 32
 PSK_SALT = b"wormhole wireguard psk v1"
 _ZERO_KEY = bytes(KEY_LEN)
@@ -124,10 +126,6 @@ class WgConfig:
         _check_port("listen port", self.listen_port, low=0)
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def uapi_set(cfg: WgConfig) -> bytes:
     """The wireguard-go "set=1" request making the device exactly cfg (the one peer replaces any other)."""
     peer = cfg.peer
@@ -135,7 +133,7 @@ def uapi_set(cfg: WgConfig) -> bytes:
              "replace_peers=true", f"public_key={peer.public_key.hex()}",
              f"preshared_key={peer.preshared_key.hex()}"]
     if peer.endpoint is not None:
-        lines.append(f"endpoint={_hostport(*peer.endpoint)}")
+        lines.append(f"endpoint={hostport(*peer.endpoint)}")
     lines += [f"persistent_keepalive_interval={peer.keepalive}", "replace_allowed_ips=true"]
     lines += [f"allowed_ip={ip}" for ip in peer.allowed_ips]
     return ("\n".join(lines) + "\n\n").encode()
@@ -307,7 +305,7 @@ def _nl_endpoint(ep) -> str | None:
     host = ep["addr"]
     if ep.get("scope_id"):
         host = f"{host}%{ep['scope_id']}"
-    return _hostport(host, ep["port"])
+    return hostport(host, ep["port"])
 
 
 def _nl_peer(peer) -> dict:
