@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import signal
 import socket
+import time
 import uuid
 
 import docker
@@ -204,3 +205,28 @@ def test_docker_host_is_followed(make_host, containers, tmp_path):
     bad.start(env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
     r = bad.wormhole("create", "url", ":3306", "tail", "docker-ns", mysql.name)
     assert r.returncode == 1 and f"unix://{tmp_path}/nothing.sock" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_sigterm_during_a_create_leaves_no_container(make_host, make_ns, engine, sweep):
+    """The daemon cancels a create still running at SIGTERM and undoes what it built: here a
+    container is started, then the create waits on a peer that never answers."""
+    import subprocess
+
+    from harness import WORMHOLE
+    host = make_host()
+    sweep(host)
+    veth(host, "192.0.2.1/24", make_ns(), "192.0.2.2/24")  # 192.0.2.99 is routable and silent
+    cli = host.popen(WORMHOLE, "-H", host.sock, "create", "id", "slow", "url", ":3306", "tail", "docker-run",
+                     "wormhole/mysql", "chain", "url", ":4000", "remote", "192.0.2.99",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not ours(engine, host) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours(engine, host), "the container is started before the peer is asked"
+    assert host.stop() == 0
+    _, err = cli.communicate(timeout=30)
+    assert cli.returncode == 1 and err.count(b"\n") == 1, err
+    assert b"lost the connection" in err and b"192.0.2.99" not in err, "cancelled, not left to finish"
+    assert ours(engine, host) == [], "the cancelled create removed its container"
+    host.start()
+    assert host.list() == [], "and recorded nothing"
