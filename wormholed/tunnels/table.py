@@ -247,6 +247,12 @@ class Tunnels:
                     raise Refused(f"{host} is this daemon: a tunnel needs another host")
                 if hello.get("unavailable"):
                     raise Failed(f"{host} cannot build this tunnel: {hello['unavailable']}")
+                stale = self._find(host)
+                if stale is not None and stale.peer_id != peer_id:
+                    log.warning("tunnel to %s: its daemon is a new one (state lost); removing %s, the old "
+                                "tunnel to it", host, stale.ifname)
+                    async with self._locks[stale.peer_id]:
+                        await self._teardown(stale)
                 draft, old = await self._draft(host, peer_id, hello, backend, self._endpoint(s.local_ip))
                 far_was = hello.get("tunnel")
                 built_far = False
