@@ -427,3 +427,9 @@ def test_tunnel_table_lists_notes_without_a_cell():
     rows = _tunnel_rows()
     rows[1].notes["backend"] = "wormhole's tunnel runs on kernel"
     assert format_tunnel_table(rows).splitlines()[-1] == "[1] wormhole backend: wormhole's tunnel runs on kernel"
+
+
+def test_tunnel_throughput_is_the_median_of_the_runs():
+    row = TunnelRow("wormhole", samples=[0.2e9, 0.9e9, 0.25e9, 0.22e9])  # one run alone on the CPUs
+    assert row.bps == pytest.approx(0.235e9)
+    assert TunnelRow("hand-built").bps is None

@@ -12,7 +12,8 @@ the two hosts. On them:
   wall-clock, median of a few creates each made after a `tunnel-delete`).
 
 Then iperf3, one TCP stream from host 1 to an `iperf3 -s` bound to host 2's overlay
-address, through each tunnel in turn (ABBA order), and the ratio wormhole/hand-built.
+address, through each tunnel in turn (A B B A A B B A), the median per tunnel, and the
+ratio wormhole/hand-built.
 
 Everything is made under unique names (whbench<PID>a/b) and removed at the end,
 on error, on Ctrl-C and on SIGTERM: the processes in the two namespaces (the
@@ -29,7 +30,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import statistics
@@ -50,7 +50,7 @@ KEEPALIVE = 25
 MTU_OVERHEAD = 80  # WireGuard over IPv6 worst case; wormhole's rule too
 GOAL = 0.95  # wormhole/hand-built throughput
 CREATES = 3  # timed tunnel-creates, each after a tunnel-delete
-ROUNDS = 2  # iperf3 runs per tunnel, in the order A B B A (A B B A A B B A for 4 ...)
+ROUNDS = 4  # iperf3 runs per tunnel, in the order A B B A A B B A
 TUNNEL_ROWS = ("hand-built", "wormhole")
 TOOLS = ("ip", "ss", "iperf3", "wireguard-go", "wg")
 NETNS_DIR = Path("/run/netns")
@@ -165,7 +165,7 @@ class TunnelRow:
 
     @property
     def bps(self) -> float | None:
-        return statistics.fmean(self.samples) if self.samples else None
+        return statistics.median(self.samples) if self.samples else None
 
     @property
     def create_median(self) -> float | None:
@@ -252,8 +252,8 @@ def tunnel_header(duration: float, veth_mtu: int | None = None) -> str:
     mtu = f" (MTU {veth_mtu})" if veth_mtu else ""
     return (f"tunnel: WireGuard between two namespaces joined by a veth pair{mtu}, "
             f"{UNDERLAY[0]} -> {UNDERLAY[1]}\n"
-            f"throughput: iperf3, 1 TCP stream to host 2's overlay IP, mean of {ROUNDS} runs "
-            f"of {duration:g} s per tunnel (order {' '.join(abba(('A', 'B'), ROUNDS))});"
+            f"throughput: iperf3, 1 TCP stream to host 2's overlay IP, median of {ROUNDS} runs "
+            f"of {duration:g} s per tunnel (order {' '.join(abba(('A', 'B'), ROUNDS))}, A = hand-built);"
             f" ratio: wormhole / hand-built\n")
 
 
