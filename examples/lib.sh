@@ -42,3 +42,16 @@ print("page:", page.strip())
 sys.exit(sys.argv[2] not in page)
 PY
 }
+
+# route_check DST SRC: packets to DST leave through a tunnel interface (wh-*) from SRC
+route_check() {
+    local route; route=$(ip -o route get "$1")
+    echo "route: $route"
+    [[ " $route " == *" dev wh-"* && " $route " == *" src $2 "* ]]
+}
+
+# ping_check DST: DST answers ping (busybox's when there is no ping on PATH)
+ping_check() {
+    local ping=(ping); command -v ping >/dev/null || ping=(busybox ping)
+    "${ping[@]}" -c 3 -W 2 "$1"
+}
