@@ -91,11 +91,13 @@ def etc_wormhole_mountpoint():
 def run_wireguard_mountpoint():
     """Each test host mounts a private tmpfs on /run/wireguard (wireguard-go's UAPI sockets)
     in its own mount namespace; the directory must exist. One made here is removed after."""
-    from harness import RUN_WIREGUARD
+    from harness import RUN_WIREGUARD, become_subreaper, reap_orphans
+    become_subreaper()  # wireguard-go, detached from wormholed, is reaped by us
     made = not RUN_WIREGUARD.exists()
     if made:
         RUN_WIREGUARD.mkdir(mode=0o755, parents=True)
     yield
+    reap_orphans()
     if made:
         with contextlib.suppress(OSError):
             RUN_WIREGUARD.rmdir()

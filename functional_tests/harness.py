@@ -13,6 +13,7 @@ detaches and outlives wormholed), then the anchor, then removes the namespace.""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -80,6 +81,31 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def become_subreaper() -> None:
+    """Orphans of our descendants (wireguard-go detaches from wormholed) become our children
+    rather than pid 1's, which on some machines never reaps them; reap_orphans() reaps them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans(names: tuple[str, ...] = ("wireguard-go",)) -> None:
+    """Reap our zombie children with these names (orphans we adopted as subreaper; our own
+    Popen children are left to their Popen)."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if rest[0] == "Z" and int(rest[1]) == me and name in names:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
 def kill_all(pids_of, timeout: float = 10) -> list[int]:
     """SIGKILL what `pids_of()` returns until it returns nothing (new processes may appear
     while killing); returns the pids that were killed."""
@@ -92,6 +118,7 @@ def kill_all(pids_of, timeout: float = 10) -> list[int]:
             if pid not in killed:
                 killed.append(pid)
         time.sleep(0.05)
+    reap_orphans()
     return killed
 
 
@@ -252,6 +279,7 @@ class Host(Namespace):
 
     def wireguard_go(self) -> list[int]:
         """wireguard-go processes in this host's network namespace."""
+        reap_orphans()
         return [pid for pid in self.pids()
                 if comm(pid).startswith("wireguard-go") or any("wireguard-go" in a for a in cmdline(pid)[:1])]
 
