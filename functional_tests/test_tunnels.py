@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -223,6 +224,35 @@ def test_create_again_changes_nothing(pair):
     (rows, *rest), far = steady(h1), steady(h2)
     assert [{**r, "peer": None} for r in rows] == [{**r, "peer": None} for r in before[0][0]]
     assert (tuple(rest), far) == (tuple(before[0][1:]), before[1])
+
+
+def test_simultaneous_create_from_both_ends_builds_matching_halves(pair):
+    """Both ends ask at once (say `tunnel` wormholes made on both hosts together): one tunnel,
+    the same pair, halves that agree on ports and keys, traffic."""
+    h1, h2 = pair
+    results = {}
+    start = threading.Barrier(2)
+
+    def create(h, peer):
+        start.wait()
+        results[h] = h.wormhole("tunnel-create", peer)
+
+    threads = [threading.Thread(target=create, args=args) for args in ((h1, "192.0.2.2"), (h2, "192.0.2.1"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    r1, r2 = results[h1], results[h2]
+    assert r1.returncode == r2.returncode == 0, (r1.stderr, r2.stderr)
+    assert r1.stdout.split() == r2.stdout.split()[::-1]
+    near, far = one_tunnel(h1), one_tunnel(h2)
+    assert len(h1.leftovers()) == len(h2.leftovers()) == 3, (h1.leftovers(), h2.leftovers())
+    assert (far["local_endpoint"], far["remote_endpoint"]) == (near["remote_endpoint"], near["local_endpoint"]), \
+        f"{h1.name}: {near['local_endpoint']} -> {near['remote_endpoint']}, " \
+        f"{h2.name}: {far['local_endpoint']} -> {far['remote_endpoint']}"
+    d1, d2 = h1.wg_dump()[near["interface"]], h2.wg_dump()[far["interface"]]
+    assert list(d1["peers"]) == [d2["public_key"]] and list(d2["peers"]) == [d1["public_key"]], "keys match"
+    assert_ping(h1, near["remote_ip"])
 
 
 def test_delete_removes_both_halves(pair):
