@@ -19,6 +19,7 @@ INTERNAL_ERROR = -32603
 # Application codes: the caller asked for something wrong / the system or a peer failed.
 REFUSED = -32001
 FAILED = -32002
+BUSY = -32003  # a daemon-to-daemon answer: the same thing is being done from this end; ask again
 
 
 class RpcError(Exception):

@@ -27,6 +27,12 @@ class Failed(DaemonError):
     code = protocol.FAILED
 
 
+class Busy(Failed):
+    """The peer is doing the same from its end (building the tunnel to us): try again."""
+
+    code = protocol.BUSY
+
+
 def to_rpc(e: DaemonError) -> RpcError:
     return RpcError(e.code, str(e))
 
@@ -34,4 +40,6 @@ def to_rpc(e: DaemonError) -> RpcError:
 def from_rpc(e: RpcError, prefix: str = "") -> DaemonError:
     """A peer's error as ours; `prefix` (the peer's name) is added unless it is there already."""
     message = str(e) if not prefix or prefix in str(e) else f"{prefix}: {e}"
+    if e.code == protocol.BUSY:
+        return Busy(message)
     return Refused(message) if e.code in (protocol.REFUSED, protocol.INVALID_PARAMS) else Failed(message)

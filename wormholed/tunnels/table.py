@@ -30,13 +30,14 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import random
 import socket
 from dataclasses import dataclass
 
 from wormhole.addr import Address, AddressError
 from wormhole.spec import hostport
 
-from ..errors import DaemonError, Failed, Refused
+from ..errors import Busy, DaemonError, Failed, Refused
 from ..peers import Peers
 from ..state import RecordDir
 from . import iface
@@ -49,6 +50,7 @@ log = logging.getLogger("wormholed")
 TYPES = ("wireguard", "ipsec")
 KEEPALIVE = 25  # seconds: keeps NAT mappings open so a peer behind NAT stays reachable
 MONITOR_PERIOD = 10.0
+BUSY_TRIES = 20
 
 
 @dataclass(frozen=True)
@@ -235,16 +237,31 @@ class Tunnels:
 
     async def ensure(self, host: str, *, kind: str | None = None, udp: bool = False) -> Tunnel:
         """The tunnel to host's daemon: reused when whole, else built or repaired on both ends.
-        (`udp`: WireGuard is UDP already; it matters to ipsec.)"""
+        (`udp`: WireGuard is UDP already; it matters to ipsec.)
+
+        When both ends lead at once, the one with the smaller daemon id goes on and the
+        other is told it is busy (tunnel-build): it waits, then asks again and finds the
+        tunnel built."""
         kind = kind or self._s.default_type
         Peers.address(host)  # a bad address is refused before anything else
-        async with self._locks[f"host:{host}"]:
-            backend = await self._backend(kind)  # what this host cannot build, the peer never builds
-            async with self._peers.session(host) as s:
-                hello = await s.call("tunnel-hello", {"daemon_id": self._id, "type": kind})
-                peer_id = _answer(hello, host, "daemon_id", str)
-                if peer_id == self._id:
-                    raise Refused(f"{host} is this daemon: a tunnel needs another host")
+        for attempt in range(BUSY_TRIES):
+            try:
+                return await self._ensure(host, kind)
+            except Busy:
+                if attempt == BUSY_TRIES - 1:
+                    raise Failed(f"{host} kept building the same tunnel from its end; try again") from None
+                await asyncio.sleep(random.uniform(0.05, 0.3))
+        raise AssertionError("unreachable")
+
+    async def _ensure(self, host: str, kind: str) -> Tunnel:
+        backend = await self._backend(kind)  # what this host cannot build, the peer never builds
+        async with self._peers.session(host) as s:
+            hello = await s.call("tunnel-hello", {"daemon_id": self._id, "type": kind})
+            peer_id = _answer(hello, host, "daemon_id", str)
+            if peer_id == self._id:
+                raise Refused(f"{host} is this daemon: a tunnel needs another host")
+            async with self._locks[peer_id]:  # held to the end: one build at a time per peer
+                hello = await s.call("tunnel-hello", {"daemon_id": self._id, "type": kind})  # fresh, locked
                 if hello.get("unavailable"):
                     raise Failed(f"{host} cannot build this tunnel: {hello['unavailable']}")
                 stale = self._find(host)
@@ -267,8 +284,7 @@ class Tunnels:
                         remote_port=_answer(far, host, "port", int),
                         remote_endpoint=_answer(far, host, "endpoint", str))
                     Tunnel.from_record(dataclasses.asdict(t))
-                    async with self._locks[peer_id]:
-                        await self._install(t, old)
+                    await self._install(t, old)
                 except BaseException:
                     if built_far and far_was is None:
                         with contextlib.suppress(DaemonError):
@@ -371,7 +387,10 @@ class Tunnels:
         except ValueError as e:
             raise Refused(f"tunnel-build: {e}") from None
         backend = await self._backend(params.get("type") or "wireguard")
-        async with self._locks[peer_id]:
+        lock = self._locks[peer_id]
+        if lock.locked() and self._id < peer_id:
+            raise Busy("building the tunnel to you from this end")  # we lead; the caller asks again
+        async with lock:
             old = self._tunnels.get(peer_id)
             if not {local_ip, remote_ip}.isdisjoint(self._used_ips(but=peer_id)):
                 raise Refused(f"overlay pair {local_ip}/{remote_ip} clashes with another tunnel on this host")
