@@ -269,6 +269,22 @@ def test_delete_removes_both_halves(pair):
     assert h1.ping(dst, count=1, wait=1).returncode != 0
 
 
+def test_delete_while_the_peer_is_down_removes_its_half_when_it_is_back(pair):
+    """Delete removes both halves: a peer that was down has its half removed once it answers."""
+    h1, h2 = pair
+    tunnel_create(h1, "192.0.2.2")
+    assert h2.stop() == 0  # its half stays up without the daemon
+    r = h1.wormhole("tunnel-delete", "192.0.2.2")
+    assert r.returncode == 0 and r.stderr.count("\n") == 1 and "warning" in r.stderr, r.stderr
+    assert h1.leftovers() == [] and h2.leftovers() != []
+    h2.start()
+    deadline = time.monotonic() + 30  # the daemon's monitor retries every 10 s
+    while h2.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert_nothing_left(h1, h2)
+    assert log_lines(h1, "removed its far half")
+
+
 def test_ping_and_a_mebibyte_both_ways_over_the_overlay(pair):
     h1, h2 = pair
     src, dst = tunnel_create(h1, "192.0.2.2")

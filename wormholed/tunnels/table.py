@@ -129,6 +129,8 @@ class Tunnels:
         self._drafts: dict[str, Tunnel] = {}  # halves being negotiated: their addresses and ports are taken
         self._users: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        # far halves still to remove: deleted here while their peer was down
+        self._gone = RecordDir(f"{records.path}-deleted")
         self._kernel, self._go = KernelWireguard(), WireguardGo(settings.wireguard_go)
         self._net = overlay_network(settings.cidr)
 
@@ -270,6 +272,7 @@ class Tunnels:
                                 "tunnel to it", host, stale.ifname)
                     async with self._locks[stale.peer_id]:
                         await self._teardown(stale)
+                self._gone.remove(peer_id)  # wanted again: its far half is not to be removed
                 draft, old = await self._draft(host, peer_id, hello, backend, self._endpoint(s.local_ip))
                 far_was = hello.get("tunnel")
                 built_far = False
@@ -329,8 +332,11 @@ class Tunnels:
         except DaemonError as e:
             if t is None:
                 raise
-            warnings.append(f"the far half of the tunnel on {host} could not be removed: {e}")
+            warnings.append(f"the far half of the tunnel on {host} could not be removed now ({e}); "
+                            f"this daemon removes it when {host} answers again")
             log.warning("tunnel to %s: %s", host, warnings[-1])
+            self._gone.ensure()
+            self._gone.save(t.peer_id, {"peer_id": t.peer_id, "host": host})
             res = {}
         if t is None and not (isinstance(res, dict) and res.get("removed")):
             raise Refused(f"no tunnel to {host}")
@@ -450,9 +456,25 @@ class Tunnels:
             log.info("tunnel to %s: found %s up (%s)", t.host, t.ifname, t.backend)
 
     async def monitor(self, period: float = MONITOR_PERIOD) -> None:
-        """Rebuild halves that vanish while the daemon runs (a killed wireguard-go)."""
+        """Rebuild halves that vanish while the daemon runs (a killed wireguard-go), and remove
+        the far halves of tunnels deleted while their peer was down, once it answers."""
         while True:
             await asyncio.sleep(period)
             for t in list(self._tunnels.values()):
                 if await self._named(t.backend).status(t.ifname) is None:
                     await self._check(t, "repair")
+            for gone in self._gone.load():
+                await self._destroy_far_half(gone)
+
+    async def _destroy_far_half(self, gone: dict) -> None:
+        peer_id, host = gone.get("peer_id"), gone.get("host")
+        if not isinstance(peer_id, str) or not isinstance(host, str) or peer_id in self._tunnels:
+            self._gone.remove(str(peer_id))
+            return
+        try:
+            await self._peers.call(host, "tunnel-destroy", {"daemon_id": self._id})
+        except DaemonError as e:
+            log.debug("tunnel to %s: far half still not removed: %s", host, e)
+            return
+        self._gone.remove(peer_id)
+        log.info("tunnel to %s: removed its far half, deleted here while %s was down", host, host)
