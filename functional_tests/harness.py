@@ -1,4 +1,4 @@
-"""Test hosts for functional tests (DESIGN §9): a network namespace with its own
+"""Test hosts for functional tests: a network namespace with its own
 /etc/wormhole (bound by `ip netns exec` from /etc/netns/NAME), state dir and
 wormholed. Everything made here is undone by `close()`, which runs even when
 a test fails.
