@@ -65,11 +65,14 @@ class WireguardGo:
     name = "wireguard-go"
 
     def __init__(self, path: str | None = None):
+        self._given = path
         self.path = path or shutil.which("wireguard-go") or "wireguard-go"
 
     def unavailable(self) -> str | None:
         if os.path.isfile(self.path) and os.access(self.path, os.X_OK):
             return None
+        if self._given is None:
+            return "wireguard-go is not installed (not found on PATH)"
         return f"wireguard-go not found at {self.path}"
 
     @staticmethod
