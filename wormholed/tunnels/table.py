@@ -103,6 +103,22 @@ class Tunnel:
             (f"{self.remote_ip}/{bits}",), KEEPALIVE))
 
 
+def _udp_port_free(port: int) -> bool:
+    """Nothing holds UDP `port` on any address (IPv4 or IPv6) of this namespace."""
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        addr = ("::", port)
+    except OSError:  # no IPv6 here
+        s, addr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("0.0.0.0", port)
+    with s:
+        try:
+            s.bind(addr)
+            return True
+        except OSError:
+            return False
+
+
 def _display(ip: str) -> str:
     """A peer's underlay address as a daemon address the CLI reads back."""
     return f"[{ip}]" if ":" in ip else ip
@@ -190,13 +206,8 @@ class Tunnels:
         except AllocationError as e:
             raise Refused(str(e)) from None
         for port in candidates:
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                try:
-                    s.bind(("::", port))
-                    return port
-                except OSError:
-                    continue
+            if _udp_port_free(port):
+                return port
         raise Refused(f"no free UDP port in {lo}-{hi}: every one is in use on this host")
 
     def _endpoint(self, facing: str | None) -> str:
@@ -220,9 +231,8 @@ class Tunnels:
         """Record t, then build it; a new tunnel that fails is removed again."""
         self._tunnels[t.peer_id] = t
         self._records.save(t.peer_id, dataclasses.asdict(t))
-        moved = old is not None and (old.remote_endpoint, old.remote_port) != (t.remote_endpoint, t.remote_port)
         try:
-            await self._apply(t, force=moved or (old is not None and old != t))
+            await self._apply(t, force=old is not None and old != t)  # e.g. the peer moved: set it even so
         except BaseException:
             if old is None:
                 await self._teardown(t)
