@@ -626,3 +626,21 @@ def test_ipv6_underlay(pair):
     wg = [p for p in cap.ip() if p.proto == "udp"]
     assert wg and all({p.src, p.dst} == {"2001:db8::1", "2001:db8::2"} for p in wg)
     assert not [p for p in cap.ip() if p.proto == "udp" and ":" not in p.src], "no IPv4 underlay traffic"
+
+
+def test_ipsec_on_a_kernel_without_esp_says_so(pair):
+    """This machine's kernel has xfrm but no ESP: ipsec is refused with that reason, on either
+    host, before anything is built. (ipsec itself runs in the kernel lab.)"""
+    h1, h2 = pair
+    for args in (("tunnel-create", "--type", "ipsec", "192.0.2.2"),
+                 ("tunnel-create", "--type", "ipsec", "--udp", "192.0.2.2")):
+        r = h1.wormhole(*args)
+        assert_one_error_line(r, "ipsec", "no ESP")
+    assert_nothing_left(h1, h2)
+    h1.stop()
+    h1.start("--tunnel-type", "ipsec")
+    h2.echo_server(3306)
+    r = h1.wormhole("create", "url", ":3306", "tunnel", "192.0.2.2")
+    assert_one_error_line(r, "ipsec", "no ESP")
+    assert h1.list() == [] and h2.list() == []
+    assert_nothing_left(h1, h2)

@@ -147,16 +147,19 @@ def _print_table(table: list[tuple[str, ...]]) -> None:
 @click.option("--type", "kind", type=click.Choice(["wireguard", "ipsec"]),
               help="Tunnel type (default: the daemon's --tunnel-type, wireguard unless told).")
 @click.option("--udp", is_flag=True, help="UDP-encapsulated (ESP-in-UDP for ipsec; WireGuard is UDP already).")
+@click.option("--rekey", is_flag=True,
+              help="Replace the keys of a live ipsec tunnel on both ends; connections through it stay up. "
+                   "(WireGuard rotates its session keys by itself.)")
 @click.argument("host")
 @click.pass_obj
-def tunnel_create(obj: Ctx, kind, udp, host):
+def tunnel_create(obj: Ctx, kind, udp, rekey, host):
     """Build an encrypted tunnel between the daemon and HOST's daemon (same key.secret).
 
     Prints "SRC DST": the overlay addresses of this end and of HOST's end, a pair from
     the daemons' -C network. Running it again prints the same pair and changes nothing;
     a tunnel whose far half is gone (HOST rebooted) is rebuilt. Tunnels outlive the
     daemons; tunnel-delete removes both halves. HOST is a daemon address as for ping."""
-    res = obj.call("tunnel-create", {"host": host, "type": kind, "udp": udp})
+    res = obj.call("tunnel-create", {"host": host, "type": kind, "udp": udp, "rekey": rekey})
     click.echo(f"{res['local_ip']} {res['remote_ip']}")
 
 

@@ -116,7 +116,8 @@ def methods(wormholes: Wormholes, peers: Peers, tunnels: Tunnels) -> dict[str, M
         kind = params.get("type")
         if kind is not None and kind not in ("wireguard", "ipsec"):
             raise RpcError(protocol.INVALID_PARAMS, "parameter 'type' must be wireguard or ipsec")
-        tunnel = await tunnels.ensure(_str(params, "host"), kind=kind, udp=bool(params.get("udp")))
+        tunnel = await tunnels.ensure(_str(params, "host"), kind=kind, udp=bool(params.get("udp")),
+                                      rekey=bool(params.get("rekey")))
         return {"local_ip": tunnel.local_ip, "remote_ip": tunnel.remote_ip, "interface": tunnel.ifname}
 
     async def tunnel_delete(params, conn):

@@ -148,6 +148,7 @@ async def run(config: Config) -> None:
         if monitor is not None:
             await asyncio.gather(monitor, return_exceptions=True)
         await wormholes.aclose()
+        tunnels.close()
         for sock in socks:
             sock.close()
         for path in made:

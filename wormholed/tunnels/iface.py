@@ -1,5 +1,7 @@
-"""The tunnel interface's place in the routing: link up with its MTU, the overlay
-address, a route to the far overlay address with that address as source.
+"""The tunnel's place in the routing: for WireGuard, its interface up with its MTU,
+the overlay address on it and a route to the far overlay address through it; for
+ipsec (no interface), the overlay address on `lo` and a route to the far overlay
+address by the underlay link, with the overlay address as source.
 
 Thin and synchronous (pyroute2's IPRoute runs its own event loop, so callers in
 the daemon run these on a worker thread). Each step checks what is there first,
@@ -87,3 +89,44 @@ def delete(ifname: str) -> bool:
                 raise
             return False
         return True
+
+
+def add_local(ip: str) -> None:
+    """ip/32 (/128) on lo, unless it is there."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        if not any(a.get("address") == ip for a in ipr.addr("dump", index=lo)):
+            ipr.addr("add", index=lo, address=ip, prefixlen=_bits(ip))
+
+
+def delete_local(ip: str) -> None:
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        try:
+            ipr.addr("del", index=lo, address=ip, prefixlen=_bits(ip))
+        except NetlinkError as e:
+            if e.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                raise
+
+
+def route_via_underlay(dst: str, src: str, endpoint: str) -> None:
+    """dst/32 leaves as the route toward endpoint does (same link, same gateway), from src."""
+    with IPRoute() as ipr:
+        way = ipr.route("get", dst=endpoint)[0]
+        kw = {"oif": way.get("oif"), "prefsrc": src}
+        gateway = way.get("gateway")
+        if gateway and ipaddress.ip_address(gateway).version == ipaddress.ip_address(dst).version:
+            kw["gateway"] = gateway
+        try:
+            ipr.route("replace", dst=f"{dst}/{_bits(dst)}", **kw)
+        except NetlinkError as e:
+            raise OSError(e.code, f"cannot route {dst} toward {endpoint}: {e}") from None
+
+
+def delete_route(dst: str) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.route("del", dst=f"{dst}/{_bits(dst)}")
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise

@@ -40,15 +40,11 @@ from wormhole.spec import hostport
 from ..errors import Busy, DaemonError, Failed, Refused
 from ..peers import Peers
 from ..state import RecordDir
-from . import iface
-from .ipam import AllocationError, allocate_pair, interface_name, overlay_mtu, overlay_network, port_candidates, \
-    tunnel_id
-from .wgconf import WgConfig, WgPeer, b64, derive_psk, from_b64, new_private_key, public_key
-from .wireguard import Backend, BackendError, KernelWireguard, WireguardGo, choose
+from .drivers import IpsecDriver, WireguardDriver
+from .ipam import AllocationError, allocate_pair, interface_name, overlay_network, port_candidates
+from .record import TYPES, Tunnel
 
 log = logging.getLogger("wormholed")
-TYPES = ("wireguard", "ipsec")
-KEEPALIVE = 25  # seconds: keeps NAT mappings open so a peer behind NAT stays reachable
 MONITOR_PERIOD = 10.0
 BUSY_TRIES = 20
 
@@ -61,46 +57,6 @@ class Settings:
     external_ip: str | None = None  # -E
     default_type: str = "wireguard"
     wireguard_go: str | None = None
-
-
-@dataclass(frozen=True)
-class Tunnel:
-    """This host's half of a tunnel, as recorded."""
-
-    peer_id: str
-    host: str  # the peer's daemon as named here (what tunnel-delete matches)
-    type: str
-    backend: str  # "kernel" or "wireguard-go"
-    ifname: str
-    local_ip: str  # overlay, this end
-    remote_ip: str  # overlay, the far end
-    local_endpoint: str  # underlay address the peer sends to
-    local_port: int
-    remote_endpoint: str
-    remote_port: int
-    private_key: str  # base64
-    peer_public_key: str  # base64
-
-    @classmethod
-    def from_record(cls, record: dict) -> Tunnel:
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        if set(record) != set(fields):
-            raise ValueError(f"fields {sorted(set(record) ^ set(fields))} missing or unknown")
-        for name, kind in fields.items():
-            if not isinstance(record[name], int if kind == "int" else str):
-                raise ValueError(f"field {name!r} has the wrong type")
-        t = cls(**record)
-        for ip in (t.local_ip, t.remote_ip, t.local_endpoint, t.remote_endpoint):
-            ipaddress.ip_address(ip)
-        from_b64(t.private_key), from_b64(t.peer_public_key)
-        return t
-
-    def config(self, secret: bytes, self_id: str) -> WgConfig:
-        psk = derive_psk(secret, tunnel_id(self_id, self.peer_id))
-        bits = ipaddress.ip_address(self.remote_ip).max_prefixlen
-        return WgConfig(from_b64(self.private_key), self.local_port, WgPeer(
-            from_b64(self.peer_public_key), psk, (self.remote_endpoint, self.remote_port),
-            (f"{self.remote_ip}/{bits}",), KEEPALIVE))
 
 
 def _udp_port_free(port: int) -> bool:
@@ -117,6 +73,14 @@ def _udp_port_free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def _same_kind(old: Tunnel, kind: str, udp: bool, host: str) -> None:
+    if old.type != kind:
+        raise Refused(f"a {old.type} tunnel to {host} exists: delete it first to make a {kind} one")
+    if kind == "ipsec" and bool(old.local_port) != udp:
+        raise Refused(f"the ipsec tunnel to {host} is {'' if old.local_port else 'not '}UDP-encapsulated: "
+                      f"delete it first to change that")
 
 
 def _display(ip: str) -> str:
@@ -147,7 +111,8 @@ class Tunnels:
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         # far halves still to remove: deleted here while their peer was down
         self._gone = RecordDir(f"{records.path}-deleted")
-        self._kernel, self._go = KernelWireguard(), WireguardGo(settings.wireguard_go)
+        self._drivers = {"wireguard": WireguardDriver(secret, daemon_id, settings.wireguard_go),
+                         "ipsec": IpsecDriver()}
         self._net = overlay_network(settings.cidr)
 
     # --- lookups ---------------------------------------------------------------------------
@@ -187,16 +152,15 @@ class Tunnels:
 
     # --- building blocks -------------------------------------------------------------------
 
-    async def _backend(self, kind: str) -> Backend:
-        if kind == "ipsec":
-            raise Refused("ipsec tunnels are not available in this wormholed yet: use --type wireguard")
-        try:
-            return await asyncio.to_thread(choose, self._kernel, self._go)
-        except BackendError as e:
-            raise Failed(str(e)) from None
-
-    def _named(self, backend: str) -> Backend:
-        return self._kernel if backend == self._kernel.name else self._go
+    async def _driver(self, kind: str):
+        """The driver of `kind`, if this host can build it; else Failed saying why."""
+        if kind not in TYPES:
+            raise Refused(f"unknown tunnel type {kind!r}: use wireguard or ipsec")
+        driver = self._drivers[kind]
+        missing = await driver.unavailable()
+        if missing:
+            raise Failed(f"cannot build {kind} tunnels here: {missing}")
+        return driver
 
     async def _free_port(self) -> int:
         """A port of -P that no tunnel here uses and that nothing else holds right now."""
@@ -217,15 +181,8 @@ class Tunnels:
         return ip
 
     async def _apply(self, t: Tunnel, force: bool = False) -> None:
-        """Make the interface carry t (a no-op when it does)."""
-        try:
-            await self._named(t.backend).up(t.ifname, t.config(self._secret, self._id), force)
-            mtu = overlay_mtu(await asyncio.to_thread(iface.route_mtu, t.remote_endpoint))
-            await asyncio.to_thread(iface.configure, t.ifname, t.local_ip, t.remote_ip, mtu)
-        except BackendError as e:
-            raise Failed(str(e)) from None
-        except (OSError, ValueError) as e:
-            raise Failed(f"cannot set up tunnel interface {t.ifname}: {getattr(e, 'strerror', None) or e}") from None
+        """Make the system carry t (a no-op when it does)."""
+        await self._drivers[t.type].apply(t, force)
 
     async def _install(self, t: Tunnel, old: Tunnel | None) -> None:
         """Record t, then build it; a new tunnel that fails is removed again."""
@@ -241,15 +198,16 @@ class Tunnels:
     async def _teardown(self, t: Tunnel) -> None:
         self._tunnels.pop(t.peer_id, None)
         try:
-            await self._named(t.backend).down(t.ifname)
+            await self._drivers[t.type].remove(t)
         finally:
             self._records.remove(t.peer_id)
 
     # --- what the CLI asks for ---------------------------------------------------------------
 
-    async def ensure(self, host: str, *, kind: str | None = None, udp: bool = False) -> Tunnel:
+    async def ensure(self, host: str, *, kind: str | None = None, udp: bool = False, rekey: bool = False) -> Tunnel:
         """The tunnel to host's daemon: reused when whole, else built or repaired on both ends.
-        (`udp`: WireGuard is UDP already; it matters to ipsec.)
+        `udp`: ESP-in-UDP for ipsec (WireGuard is UDP already); `rekey`: new ipsec keys and
+        SPIs on both ends of a live tunnel (WireGuard rotates its session keys by itself).
 
         When both ends lead at once, the one with the smaller daemon id goes on and the
         other is told it is busy (tunnel-build): it waits, then asks again and finds the
@@ -258,15 +216,15 @@ class Tunnels:
         Peers.address(host)  # a bad address is refused before anything else
         for attempt in range(BUSY_TRIES):
             try:
-                return await self._ensure(host, kind)
+                return await self._ensure(host, kind, udp, rekey)
             except Busy:
                 if attempt == BUSY_TRIES - 1:
                     raise Failed(f"{host} kept building the same tunnel from its end; try again") from None
                 await asyncio.sleep(random.uniform(0.05, 0.3))
         raise AssertionError("unreachable")
 
-    async def _ensure(self, host: str, kind: str) -> Tunnel:
-        backend = await self._backend(kind)  # what this host cannot build, the peer never builds
+    async def _ensure(self, host: str, kind: str, udp: bool, rekey: bool) -> Tunnel:
+        driver = await self._driver(kind)  # what this host cannot build, the peer never builds
         async with self._peers.session(host) as s:
             hello = await s.call("tunnel-hello", {"daemon_id": self._id, "type": kind})
             peer_id = _answer(hello, host, "daemon_id", str)
@@ -279,24 +237,27 @@ class Tunnels:
                 stale = self._find(host)
                 if stale is not None and stale.peer_id != peer_id:
                     log.warning("tunnel to %s: its daemon is a new one (state lost); removing %s, the old "
-                                "tunnel to it", host, stale.ifname)
+                                "tunnel to it", host, stale.ifname or f"ipsec reqid {stale.reqid:#x}")
                     async with self._locks[stale.peer_id]:
                         await self._teardown(stale)
                 self._gone.remove(peer_id)  # wanted again: its far half is not to be removed
-                draft, old = await self._draft(host, peer_id, hello, backend, self._endpoint(s.local_ip))
+                draft, old = await self._draft(host, peer_id, hello, driver, kind, udp, rekey,
+                                               self._endpoint(s.local_ip))
                 far_was = hello.get("tunnel")
                 built_far = False
                 try:
                     far = await s.call("tunnel-build", {
-                        "daemon_id": self._id, "type": kind, "local_ip": draft.remote_ip,
-                        "remote_ip": draft.local_ip, "public_key": b64(public_key(from_b64(draft.private_key))),
+                        "daemon_id": self._id, "type": kind, "udp": udp, "rekey": rekey,
+                        "local_ip": draft.remote_ip, "remote_ip": draft.local_ip, "offer": driver.offer(draft),
                         "endpoint": draft.local_endpoint, "port": draft.local_port})
                     built_far = True
-                    t = dataclasses.replace(
-                        draft, peer_public_key=_answer(far, host, "public_key", str),
-                        remote_port=_answer(far, host, "port", int),
-                        remote_endpoint=_answer(far, host, "endpoint", str))
-                    Tunnel.from_record(dataclasses.asdict(t))
+                    t = driver.take(dataclasses.replace(
+                        draft, remote_port=_answer(far, host, "port", int),
+                        remote_endpoint=_answer(far, host, "endpoint", str)), far.get("offer"))
+                    try:
+                        Tunnel.from_record(dataclasses.asdict(t))
+                    except ValueError as e:
+                        raise Failed(f"{host}: bad answer from its daemon ({e})") from None
                     await self._install(t, old)
                 except BaseException:
                     if built_far and far_was is None:
@@ -306,17 +267,19 @@ class Tunnels:
                 finally:
                     self._drafts.pop(peer_id, None)
         if old is None or old != t:
-            log.info("tunnel to %s: %s <-> %s on %s (%s)", host, t.local_ip, t.remote_ip, t.ifname, t.backend)
+            log.info("tunnel to %s: %s <-> %s, %s (%s)%s", host, t.local_ip, t.remote_ip, t.type,
+                     t.ifname or t.backend, " rekeyed" if rekey and old else "")
         return t
 
-    async def _draft(self, host, peer_id, hello, backend, endpoint) -> tuple[Tunnel, Tunnel | None]:
-        """This end's half before the peer answers: the pair, port and key it keeps, or new ones.
-        A new draft is entered in the table at once, so that no other tunnel takes its addresses."""
+    async def _draft(self, host, peer_id, hello, driver, kind, udp, rekey, endpoint) -> tuple[Tunnel, Tunnel | None]:
+        """This end's half before the peer answers: the pair, port and secrets it keeps, or new
+        ones. A new draft is entered at once, so that no other tunnel takes its addresses."""
         old = self._tunnels.get(peer_id)
         remote_endpoint = _answer(hello, host, "endpoint", str)
         if old is not None:
-            return dataclasses.replace(old, host=host, local_endpoint=endpoint,
-                                       remote_endpoint=remote_endpoint), old
+            _same_kind(old, kind, udp, host)
+            t = dataclasses.replace(old, host=host, local_endpoint=endpoint, remote_endpoint=remote_endpoint)
+            return (driver.rekeyed(t, self._taken()) if rekey else t), old
         far = hello.get("tunnel") if isinstance(hello.get("tunnel"), dict) else None
         used = self._used_ips() | set(_answer(hello, host, "used", list))
         if far and {far.get("local_ip"), far.get("remote_ip")}.isdisjoint(self._used_ips()) \
@@ -327,9 +290,11 @@ class Tunnels:
                 local_ip, remote_ip = allocate_pair(str(self._net), used)
             except AllocationError as e:
                 raise Refused(str(e)) from None
-        draft = Tunnel(peer_id, host, "wireguard", backend.name, interface_name(peer_id), local_ip, remote_ip,
-                       endpoint, await self._free_port(), remote_endpoint, 0,
-                       b64(new_private_key()), b64(bytes(32)))
+        wireguard = kind == "wireguard"
+        port = await self._free_port() if wireguard or udp else 0
+        draft = driver.fresh(Tunnel(peer_id, host, kind, await driver.backend(),
+                                    interface_name(peer_id) if wireguard else "", local_ip, remote_ip,
+                                    endpoint, port, remote_endpoint, 0), self._taken())
         self._drafts[peer_id] = draft
         return draft, None
 
@@ -353,23 +318,26 @@ class Tunnels:
         if t is not None:
             async with self._locks[t.peer_id]:
                 await self._teardown(t)
-            log.info("tunnel to %s: deleted (%s)", host, t.ifname)
+            log.info("tunnel to %s: deleted (%s)", host, t.ifname or t.type)
         return warnings
 
     async def list(self) -> list[dict]:
         rows = []
         for t in list(self._tunnels.values()):
-            status = await self._named(t.backend).status(t.ifname)
-            peer = status.peers[0] if status and status.peers else None
-            rows.append({
+            status = await self._drivers[t.type].status(t)
+            row = {
                 "peer": t.host, "peer_id": t.peer_id, "type": t.type, "backend": t.backend,
                 "interface": t.ifname, "local_ip": t.local_ip, "remote_ip": t.remote_ip,
-                "local_endpoint": hostport(t.local_endpoint, t.local_port),
-                "remote_endpoint": hostport(t.remote_endpoint, t.remote_port),
-                "latest_handshake": peer.last_handshake if peer else None,
-                "rx_bytes": peer.rx_bytes if peer else 0, "tx_bytes": peer.tx_bytes if peer else 0,
+                "local_endpoint": hostport(t.local_endpoint, t.local_port) if t.local_port else t.local_endpoint,
+                "remote_endpoint": hostport(t.remote_endpoint, t.remote_port) if t.remote_port else t.remote_endpoint,
+                "latest_handshake": status.latest_handshake if status else None,
+                "rx_bytes": status.rx_bytes if status else 0, "tx_bytes": status.tx_bytes if status else 0,
                 "users": sorted(self._users.get(t.peer_id, ())), "state": "up" if status else "down",
-            })
+            }
+            if t.type == "ipsec":
+                row.update(spi_in=f"{t.spi_in:#010x}", spi_out=f"{t.spi_out:#010x}", reqid=t.reqid,
+                           udp=bool(t.local_port))
+            rows.append(row)
         return rows
 
     # --- what the peer asks for ---------------------------------------------------------------
@@ -377,12 +345,12 @@ class Tunnels:
     async def hello(self, daemon_id: str, kind: str | None, facing: str) -> dict:
         unavailable = None
         try:
-            await self._backend(kind or self._s.default_type)
+            await self._driver(kind or self._s.default_type)
         except DaemonError as e:
             unavailable = str(e)
         t = self._tunnels.get(daemon_id)
         return {"daemon_id": self._id, "endpoint": self._endpoint(facing), "used": sorted(self._used_ips()),
-                "tunnel": {"local_ip": t.local_ip, "remote_ip": t.remote_ip} if t else None,
+                "tunnel": {"local_ip": t.local_ip, "remote_ip": t.remote_ip, "type": t.type} if t else None,
                 "unavailable": unavailable}
 
     async def build_far(self, params: dict, facing: str, caller: str) -> dict:
@@ -392,17 +360,17 @@ class Tunnels:
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise Refused(f"tunnel-build: parameter {name!r} missing or wrong")
             return value
-        peer_id = field("daemon_id", str)
+        peer_id, kind = field("daemon_id", str), field("type", str)
         local_ip, remote_ip = field("local_ip", str), field("remote_ip", str)
+        udp, rekey = bool(params.get("udp")), bool(params.get("rekey"))
         try:
             if not all(ipaddress.ip_address(ip) in self._net for ip in (local_ip, remote_ip)):
                 raise Refused(f"overlay pair {local_ip}/{remote_ip} is outside this host's overlay network "
                               f"{self._net}: give every daemon the same -C")
             ipaddress.ip_address(field("endpoint", str))
-            from_b64(field("public_key", str))
         except ValueError as e:
             raise Refused(f"tunnel-build: {e}") from None
-        backend = await self._backend(params.get("type") or "wireguard")
+        driver = await self._driver(kind)
         lock = self._locks[peer_id]
         if lock.locked() and self._id < peer_id:
             raise Busy("building the tunnel to you from this end")  # we lead; the caller asks again
@@ -410,16 +378,23 @@ class Tunnels:
             old = self._tunnels.get(peer_id)
             if not {local_ip, remote_ip}.isdisjoint(self._used_ips(but=peer_id)):
                 raise Refused(f"overlay pair {local_ip}/{remote_ip} clashes with another tunnel on this host")
-            port = old.local_port if old else await self._free_port()
-            t = Tunnel(peer_id, old.host if old else _display(caller), "wireguard",
-                       old.backend if old else backend.name, interface_name(peer_id), local_ip, remote_ip,
-                       self._endpoint(facing), port, params["endpoint"], field("port", int),
-                       old.private_key if old else b64(new_private_key()), params["public_key"])
+            far = dict(local_ip=local_ip, remote_ip=remote_ip, local_endpoint=self._endpoint(facing),
+                       remote_endpoint=params["endpoint"], remote_port=field("port", int))
+            if old is not None:
+                _same_kind(old, kind, udp, old.host)
+                t = dataclasses.replace(old, **far)
+                t = driver.rekeyed(t, self._taken()) if rekey else t
+            else:
+                port = await self._free_port() if kind == "wireguard" or udp else 0
+                t = driver.fresh(Tunnel(peer_id, _display(caller), kind, await driver.backend(),
+                                        interface_name(peer_id) if kind == "wireguard" else "",
+                                        local_port=port, **far), self._taken())
+            t = driver.take(t, params.get("offer"))
             await self._install(t, old)
         if old != t:
-            log.info("tunnel to %s: far half %s <-> %s on %s (%s)", t.host, local_ip, remote_ip, t.ifname, t.backend)
-        return {"public_key": b64(public_key(from_b64(t.private_key))), "port": t.local_port,
-                "endpoint": t.local_endpoint}
+            log.info("tunnel to %s: far half %s <-> %s, %s (%s)", t.host, local_ip, remote_ip, t.type,
+                     t.ifname or t.backend)
+        return {"offer": driver.offer(t), "port": t.local_port, "endpoint": t.local_endpoint}
 
     async def destroy_far(self, peer_id: str) -> dict:
         t = self._tunnels.get(peer_id)
@@ -427,14 +402,14 @@ class Tunnels:
             return {"removed": False}
         async with self._locks[peer_id]:
             await self._teardown(t)
-        log.info("tunnel to %s: deleted at its request (%s)", t.host, t.ifname)
+        log.info("tunnel to %s: deleted at its request (%s)", t.host, t.ifname or t.type)
         return {"removed": True}
 
     # --- start and upkeep --------------------------------------------------------------------
 
     async def rediscover(self) -> None:
         """Adopt what an earlier run left: keep whole tunnels, rebuild broken halves from their
-        records, remove tunnel interfaces that have none."""
+        records, remove what tunnels left without a record (interfaces, ipsec states)."""
         for record in self._records.load():
             try:
                 t = Tunnel.from_record(record)
@@ -442,28 +417,27 @@ class Tunnels:
                 log.error("skipping tunnel record %s: %s", record.get("peer_id", "?"), e)
                 continue
             self._tunnels[t.peer_id] = t
-        known = {t.ifname for t in self._tunnels.values()}
-        for name in await asyncio.to_thread(iface.tunnel_links):
-            if name not in known:
-                log.warning("removed tunnel interface %s: no record of it (left by a crash)", name)
-                await self._go.down(name)
+        for driver in self._drivers.values():
+            for name in await driver.strays(list(self._tunnels.values())):
+                log.warning("removed %s: no record of it (left by a crash)", name)
         for t in list(self._tunnels.values()):
             await self._check(t, "found")
 
     async def _check(self, t: Tunnel, verb: str) -> None:
+        what = t.ifname or f"its ipsec states (reqid {t.reqid:#x})"
         async with self._locks[t.peer_id]:
             if self._tunnels.get(t.peer_id) is not t:
                 return  # deleted or replaced meanwhile
-            alive = await self._named(t.backend).status(t.ifname) is not None
+            alive = await self._drivers[t.type].status(t) is not None
             try:
                 await self._apply(t)
             except DaemonError as e:
-                log.error("tunnel to %s: %s could not be repaired: %s", t.host, t.ifname, e)
+                log.error("tunnel to %s: %s could not be repaired: %s", t.host, what, e)
                 return
         if not alive:
-            log.warning("repaired tunnel to %s: rebuilt %s from its record (it was gone)", t.host, t.ifname)
+            log.warning("repaired tunnel to %s: rebuilt %s from its record (it was gone)", t.host, what)
         elif verb == "found":
-            log.info("tunnel to %s: found %s up (%s)", t.host, t.ifname, t.backend)
+            log.info("tunnel to %s: found %s up (%s)", t.host, what, t.backend)
 
     async def monitor(self, period: float = MONITOR_PERIOD) -> None:
         """Rebuild halves that vanish while the daemon runs (a killed wireguard-go), and remove
@@ -471,10 +445,14 @@ class Tunnels:
         while True:
             await asyncio.sleep(period)
             for t in list(self._tunnels.values()):
-                if await self._named(t.backend).status(t.ifname) is None:
+                if await self._drivers[t.type].status(t) is None:
                     await self._check(t, "repair")
             for gone in self._gone.load():
                 await self._destroy_far_half(gone)
+
+    def close(self) -> None:
+        """What the daemon holds for its tunnels (ESP-in-UDP sockets) goes; the tunnels stay."""
+        self._drivers["ipsec"].close()
 
     async def _destroy_far_half(self, gone: dict) -> None:
         peer_id, host = gone.get("peer_id"), gone.get("host")
