@@ -886,17 +886,21 @@ class Xfrm:
     def delete_state(self, dst: str, spi: int) -> None:
         self._request(del_sa(dst, spi), f"xfrm state delete dst {dst} spi {spi:#x}")
 
-    def states(self) -> list[StateStatus]:
-        """The ESP tunnel states of the namespace that State can express (others are left out)."""
+    def _dump(self, request: int, reply: int, parse, what: str) -> list:
+        """What the kernel dumps, parsed; entries the values cannot express are left out."""
         out = []
-        for msg in self._request(dump_request(XFRM_MSG_GETSA), "xfrm state list"):
-            if msg["header"]["type"] != XFRM_MSG_NEWSA:
+        for msg in self._request(dump_request(request), what):
+            if msg["header"]["type"] != reply:
                 continue
             try:
-                out.append(parse_sa(msg))
+                out.append(parse(msg))
             except ValueError:
                 continue
         return out
+
+    def states(self) -> list[StateStatus]:
+        """The ESP tunnel states of the namespace that State can express (others are left out)."""
+        return self._dump(XFRM_MSG_GETSA, XFRM_MSG_NEWSA, parse_sa, "xfrm state list")
 
     def add_policy(self, policy: Policy, update: bool = False) -> None:
         verb = "update" if update else "add"
@@ -907,15 +911,7 @@ class Xfrm:
 
     def policies(self) -> list[Policy]:
         """The policies of the namespace that Policy can express (others are left out)."""
-        out = []
-        for msg in self._request(dump_request(XFRM_MSG_GETPOLICY), "xfrm policy list"):
-            if msg["header"]["type"] != XFRM_MSG_NEWPOLICY:
-                continue
-            try:
-                out.append(parse_policy(msg))
-            except ValueError:
-                continue
-        return out
+        return self._dump(XFRM_MSG_GETPOLICY, XFRM_MSG_NEWPOLICY, parse_policy, "xfrm policy list")
 
     def flush_states(self, proto: int = IPPROTO_ESP) -> None:
         """Every state of proto in the namespace, ours or not: for throwaway namespaces and tests."""
