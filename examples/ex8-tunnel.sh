@@ -10,6 +10,6 @@ on_exit "$WORMHOLE tunnel-delete $MYSERVER"
 echo "  -> $tunnel" >&2
 read -r src dst <<<"$tunnel"
 echo "tunnel: $src $dst"
-route_check "$dst" "$src"  # DST is routed through the tunnel's wh-* interface, from SRC
+route_check "$dst" "$src"  # DST is routed through the tunnel (its wh-* interface, or ipsec), from SRC
 ping_check "$dst"
 wormhole tunnel-delete $MYSERVER

@@ -43,11 +43,13 @@ sys.exit(sys.argv[2] not in page)
 PY
 }
 
-# route_check DST SRC: packets to DST leave through a tunnel interface (wh-*) from SRC
+# route_check DST SRC: packets to DST leave from SRC through the tunnel: a WireGuard
+# interface (wh-*), or an ipsec policy for DST
 route_check() {
     local route; route=$(ip -o route get "$1")
     echo "route: $route"
-    [[ " $route " == *" dev wh-"* && " $route " == *" src $2 "* ]]
+    [[ " $route " == *" src $2 "* ]] || return 1
+    [[ " $route " == *" dev wh-"* ]] || [ -n "$(ip xfrm policy list dst "$1" dir out)" ]
 }
 
 # ping_check DST: DST answers ping (busybox's when there is no ping on PATH)
