@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all deps install test unit functional demo bench clean
+.PHONY: all deps install test unit functional demo bench clean lab
 
 all: install
 
@@ -42,6 +42,11 @@ demo: deps install
 bench: install
 	./scripts/install-deps bench
 	$(PY) bench/run.py
+
+# lab: the tunnel functional tests inside a Debian kernel (kernel WireGuard) booted with virtme-ng
+# under qemu; ./scripts/kernel-lab 'COMMAND' runs another command there.
+lab:
+	./scripts/kernel-lab
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
