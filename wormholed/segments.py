@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from wormhole.spec import Place, Plan
 
@@ -33,6 +34,9 @@ from .places import Places
 from .proxy.tcp import Stats, TcpProxy, dial
 from .proxy.udp import UdpProxy, dial_udp
 
+if TYPE_CHECKING:
+    from .tunnels.table import Tunnels
+
 log = logging.getLogger("wormholed")
 
 
@@ -42,7 +46,7 @@ class Env:
 
     places: Places
     peers: Peers | None = None
-    tunnels: object | None = None  # tunnels.table.Tunnels
+    tunnels: Tunnels | None = None
     daemon_id: str = ""
 
 
