@@ -144,7 +144,12 @@ def apply(half: Half, force: bool = False) -> None:
         have = {(s.state.dst, s.state.spi): s.state for s in x.states() if s.state.reqid == half.reqid}
         for state in (in_, out):  # the inbound SA first: the peer may already send with it
             old = have.pop((state.dst, state.spi), None)
-            if old is None or old != state or force:
+            if old is not None and old != state:
+                # XFRM_MSG_UPDSA changes an SA's encapsulation and lifetimes, never its keys or
+                # algorithms: an SA that differs is replaced.
+                x.delete_state(old.dst, old.spi)
+                old = None
+            if old is None or force:
                 x.add_state(state, update=old is not None)
         for state in have.values():
             with contextlib.suppress(OSError):
