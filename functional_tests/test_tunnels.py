@@ -1,6 +1,8 @@
 """WireGuard tunnels between daemons (issue: tunnels): test hosts joined by veth, each its own
 daemon; the tunnels run through wireguard-go (the kernel here has no WireGuard module), whose
-UAPI sockets live in each host's private /run/wireguard.
+UAPI sockets live in each host's private /run/wireguard. In the kernel lab (a kernel with
+WireGuard) the same tests run with kernel WireGuard: all of them in `make test-kernel`, those
+marked `lab` in `make test`'s lab run.
 
 h1 (192.0.2.1, 2001:db8::1) <-> h2 (192.0.2.2, 2001:db8::2), and where a third host is needed
 h1 (198.51.100.1) <-> h3 (198.51.100.3). Every failure case checks that nothing is left
@@ -171,6 +173,7 @@ def tunnel_log(h: Host, word: str) -> list[str]:
 
 # --- create, list, idempotence, delete ------------------------------------------------------
 
+@pytest.mark.lab
 def test_create_prints_the_pair_and_both_ends_agree(pair):
     h1, h2 = pair
     src, dst = tunnel_create(h1, "192.0.2.2")
@@ -268,6 +271,7 @@ def test_simultaneous_create_from_both_ends_builds_matching_halves(pair):
     assert_ping(h1, near["remote_ip"])
 
 
+@pytest.mark.lab
 def test_delete_removes_both_halves(pair):
     h1, h2 = pair
     _, dst = tunnel_create(h1, "192.0.2.2")
@@ -311,6 +315,7 @@ def test_ping_and_a_mebibyte_both_ways_over_the_overlay(pair):
 
 # --- wormholes over a tunnel ----------------------------------------------------------------
 
+@pytest.mark.lab
 def test_tunnel_wormhole_carries_bytes_and_only_wireguard_crosses_the_underlay(pair):
     h1, h2 = pair
     h2.echo_server(3306)
@@ -450,6 +455,7 @@ def test_tunnel_outlives_the_peer_daemon_crash(pair):
     assert roundtrip_eventually(h1, 3306) == b"hello wormhole"
 
 
+@pytest.mark.lab
 def test_start_removes_an_interface_without_a_record(pair):
     h1, h2 = pair
     tunnel_create(h1, "192.0.2.2")
