@@ -241,12 +241,8 @@ class _Relay:
             return
         self.proxy = None
         pool = proxy._pipes
-        for half in (self.up, self.down):
+        for half in (self.up, self.down):  # closing a socket takes it out of the epoll set
             del proxy._halves[half.src]
-            try:
-                proxy._epoll.unregister(half.src)
-            except FileNotFoundError:  # its registration failed
-                pass
             if (half.copy or not half.pending) and len(pool) < _POOL_MAX:  # the pipe is empty
                 pool.append((half.rp, half.wp))
             else:
@@ -275,6 +271,7 @@ class TcpProxy:
         self._epoll: select.epoll | None = None
         self._halves: dict[int, _Half] = {}  # socket fd -> the half reading it
         self._connecting: dict[int, asyncio.Future] = {}  # fd -> finish_connect()'s future
+        self._registered: set[int] = set()  # tails finish_connect() put in the epoll set already
         self._tasks: set[asyncio.Task] = set()  # connecting to the tail
         self._pipes: list[tuple[int, int]] = []
         self._family = 0
@@ -348,6 +345,7 @@ class TcpProxy:
             self.stats.connections -= 1
             _abort(conn)
             if tail is not None:
+                self._registered.discard(tail.fileno())
                 _abort(tail)
             if isinstance(exc, Exception):
                 self.log.warning("connection dropped: %s", exc)
@@ -360,10 +358,10 @@ class TcpProxy:
         # Registering reports the current state as edges: early bytes, writable.
         try:
             self._epoll.register(relay.up.src, _EPOLL_MASK)
-            try:
+            if relay.down.src in self._registered:  # dialled with wait=self.finish_connect
+                self._registered.discard(relay.down.src)
+            else:
                 self._epoll.register(relay.down.src, _EPOLL_MASK)
-            except FileExistsError:  # dialled with wait=self.finish_connect: already there
-                pass
         except OSError as exc:  # ENOSPC: fs.epoll.max_user_watches
             self.log.warning("connection dropped: %s", exc)
             relay.close(reset=True)
@@ -397,10 +395,11 @@ class TcpProxy:
         self._epoll.register(fd, _EPOLL_MASK)
         timer = self._loop.call_at(deadline, _expire, fut)
         try:
-            await fut
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
+            events = await fut
+            if events & (select.EPOLLERR | select.EPOLLHUP):  # else connected: no SO_ERROR to read
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
         except BaseException:
             if not self._closed:
                 self._epoll.unregister(fd)
@@ -408,6 +407,7 @@ class TcpProxy:
         finally:
             timer.cancel()
             del self._connecting[fd]
+        self._registered.add(fd)
 
     def _on_events(self) -> None:
         halves = self._halves
@@ -416,7 +416,7 @@ class TcpProxy:
             if half is None:
                 fut = self._connecting.get(fd)  # else closed earlier in this batch
                 if fut is not None and not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(ev)
                 continue
             if ev & _WRITABLE and half.peer.pending:
                 half.peer.pump()
