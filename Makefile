@@ -48,25 +48,17 @@ demo: deps install
 	./scripts/with-docker ./examples/demo.sh
 
 # bench: the host's tables (bench/run.py), then the kernel-lab rows (bench/lab.py: kernel WireGuard and
-# ipsec, each wormhole against hand-built) inside ./scripts/kernel-lab, bounded by LAB_TIMEOUT (900 s).
-# Its output goes through a pipe (qemu truncates a plain file). A lab that cannot be set up or boot
-# (kernel-lab exits 2; 125 once it tells its own failures apart from the command's) leaves the host
-# rows standing: one loud line says so and why.
+# ipsec, each wormhole against hand-built) in the kernel lab through lab-or-skip, bounded by LAB_TIMEOUT
+# (900 s). Where the lab cannot be set up or boot (kernel-lab exits 125), the host rows stand and one
+# loud NOT RUN line says why; a lab run that fails otherwise fails make bench.
 LAB_BENCH := .venv/bin/python bench/lab.py
 
 bench: install
 	./scripts/install-deps bench
 	$(PY) bench/run.py
-	@start=$$(date +%s); log=$$(mktemp); \
-	LAB_TIMEOUT=$${LAB_TIMEOUT:-900} ./scripts/kernel-lab '$(LAB_BENCH)' 2>&1 | tee $$log; rc=$${PIPESTATUS[0]}; \
-	why=$$(sed -n 's/^\[kernel-lab[^]]*\] error: //p' $$log | tail -n 1); rm -f $$log; \
-	echo "bench: kernel-lab rows: $$(( $$(date +%s) - start )) s wall clock, boot included (exit $$rc)"; \
-	case $$rc in \
-	  0) ;; \
-	  2|125) echo "*** NOT RUN: the kernel-lab bench rows (kernel WireGuard, ipsec): the kernel lab could not be set up: $${why:-see its output above} ***";; \
-	  124) echo "*** FAILED: the kernel-lab bench rows: the lab ran past LAB_TIMEOUT=$${LAB_TIMEOUT:-900} s and was stopped ***"; exit 1;; \
-	  *) echo "*** FAILED: the kernel-lab bench rows: bench/lab.py exited $$rc in the lab (its output is above) ***"; exit 1;; \
-	esac
+	@t0=$$(date +%s); LAB_TIMEOUT=$${LAB_TIMEOUT:-900} ./scripts/lab-or-skip \
+	    'the kernel-lab bench rows (kernel WireGuard, ipsec)' '$(LAB_BENCH)'; rc=$$?; \
+	echo "[make bench] kernel lab: $$(( $$(date +%s) - t0 )) s wall clock, boot included"; exit $$rc
 
 # lab: the tunnel functional tests inside a Debian kernel (kernel WireGuard) booted with virtme-ng
 # under qemu; ./scripts/kernel-lab 'COMMAND' runs another command there.

@@ -433,3 +433,175 @@ def test_tunnel_throughput_is_the_median_of_the_runs():
     row = TunnelRow("wormhole", samples=[0.2e9, 0.9e9, 0.25e9, 0.22e9])  # one run alone on the CPUs
     assert row.bps == pytest.approx(0.235e9)
     assert TunnelRow("hand-built").bps is None
+
+
+# -- backends and the kernel-lab tables (bench/lab.py) ----------------------------------
+
+from tunnel import BACKENDS, HandBuiltIpsec, parse_xfrm_states, xfrm_bytes  # noqa: E402
+
+# `ip -s xfrm state list` (iproute2 6.1) of a host with an ESP tunnel: its two SAs, shortened keys
+XFRM_STATES = """\
+src 198.18.0.2 dst 198.18.0.1
+\tproto esp spi 0x9c0ffee1(2618293985) reqid 16962(0x00004242) mode tunnel
+\treplay-window 32 seq 0x00000000 flag  (0x00000000)
+\taead rfc4106(gcm(aes)) 0x0102030405060708090a0b0c0d0e0f1011121314 (160 bits) 128
+\tanti-replay context: seq 0x2a1, oseq 0x0, bitmap 0xffffffff
+\tlifetime config:
+\t  limit: soft (INF)(bytes), hard (INF)(bytes)
+\t  limit: soft (INF)(packets), hard (INF)(packets)
+\t  expire add: soft 0(sec), hard 0(sec)
+\t  expire use: soft 0(sec), hard 0(sec)
+\tlifetime current:
+\t  44120(bytes), 673(packets)
+\t  add 2026-11-21 14:00:00 use 2026-11-21 14:00:01
+\tstats:
+\t  replay-window 0 replay 0 failed 0
+src 198.18.0.1 dst 198.18.0.2
+\tproto esp spi 0x00012345(74565) reqid 16962(0x00004242) mode tunnel
+\treplay-window 32 seq 0x00000000 flag  (0x00000000)
+\taead rfc4106(gcm(aes)) 0x1112131415161718191a1b1c1d1e1f2021222324 (160 bits) 128
+\tanti-replay context: seq 0x0, oseq 0x8f1, bitmap 0x00000000
+\tlifetime config:
+\t  limit: soft (INF)(bytes), hard (INF)(bytes)
+\t  limit: soft (INF)(packets), hard (INF)(packets)
+\t  expire add: soft 0(sec), hard 0(sec)
+\t  expire use: soft 0(sec), hard 0(sec)
+\tlifetime current:
+\t  3254337(bytes), 2289(packets)
+\t  add 2026-11-21 14:00:00 use 2026-11-21 14:00:01
+\tstats:
+\t  replay-window 0 replay 0 failed 0
+"""
+
+
+def test_xfrm_states():
+    states = parse_xfrm_states(XFRM_STATES)
+    assert [(s["src"], s["dst"], s["spi"], s["reqid"], s["bytes"], s["packets"]) for s in states] == [
+        ("198.18.0.2", "198.18.0.1", 0x9C0FFEE1, 0x4242, 44120, 673),
+        ("198.18.0.1", "198.18.0.2", 0x12345, 0x4242, 3254337, 2289),
+    ]
+    assert parse_xfrm_states("") == []
+
+
+def test_xfrm_bytes_of_one_sa():
+    assert xfrm_bytes(XFRM_STATES, "198.18.0.1", "198.18.0.2", 0x12345) == 3254337
+    with pytest.raises(BenchError, match="no ESP state 198.18.0.2 -> 198.18.0.1 spi 0x00012345"):
+        xfrm_bytes(XFRM_STATES, "198.18.0.2", "198.18.0.1", 0x12345)
+    with pytest.raises(BenchError, match="no ESP state"):
+        xfrm_bytes("", "198.18.0.1", "198.18.0.2", 0x12345)
+
+
+def test_xfrm_states_unreadable():
+    without_stats = "src 198.18.0.1 dst 198.18.0.2\n\tproto esp spi 0x00012345 reqid 16962 mode tunnel\n"
+    with pytest.raises(BenchError, match="no counters"):
+        parse_xfrm_states(without_stats)
+    with pytest.raises(BenchError, match="cannot read"):
+        parse_xfrm_states("Error: Requested type not found.\n")
+
+
+def test_backends():
+    assert tunnel.TOOLS == ("ip", "ss", "iperf3", "wireguard-go", "wg")  # the host table's
+    assert "wireguard-go" not in BACKENDS["kernel-wireguard"].tools
+    assert BACKENDS["ipsec"].create_args == ("--type", "ipsec") and not BACKENDS["ipsec"].wireguard
+    assert [b.wormhole_backend for b in BACKENDS.values()] == ["wireguard-go", "kernel", "xfrm"]
+
+
+def test_tunnel_header_per_backend():
+    assert tunnel.tunnel_header(5, 1500).startswith("tunnel: WireGuard between two namespaces joined by a "
+                                                     "veth pair (MTU 1500)")
+    assert "median of 4 runs of 5 s per tunnel (order A B B A A B B A" in tunnel.tunnel_header(5, 1500)
+    kernel = tunnel.tunnel_header(5, 1500, "kernel-wireguard", 2)
+    assert kernel.startswith("tunnel: kernel WireGuard between")
+    assert "median of 2 runs of 5 s per tunnel (order A B B A," in kernel
+    assert tunnel.tunnel_header(5, None, "ipsec", 2).startswith(
+        "tunnel: ipsec (ESP tunnel mode, xfrm, rfc4106(gcm(aes)) AES-128) between")
+    assert tunnel_to_json(_tunnel_rows(), "ipsec")["backend"] == "ipsec"
+    assert tunnel_to_json(_tunnel_rows())["backend"] == "wireguard-go"
+
+
+def test_hand_built_ipsec_uses_wormholes_transform():
+    """The hand-built ESP tunnel must be what wormhole builds (wormholed/tunnels/xfrm.py), or the
+    ratio compares algorithms."""
+    from wormholed.tunnels import ipsec, xfrm
+    assert tunnel.ESP_AEAD == xfrm.AEAD_GCM_AES
+    assert tunnel.ESP_KEY_BYTES == xfrm.AEAD_GCM_KEY_LEN == len(ipsec.new_key())
+    assert tunnel.ESP_ICV_BITS == xfrm.AEAD_GCM_ICV_BITS
+    assert tunnel.ESP_REPLAY_WINDOW == xfrm.REPLAY_WINDOW_MAX
+    assert not ipsec.ours(tunnel.HAND_REQID), "wormholed would remove it as a stray"
+
+
+class _FakeBed:
+    ns = ("whbench1a", "whbench1b")
+    veth = ("whb1a", "whb1b")
+
+
+def test_hand_built_ipsec_commands(monkeypatch, tmp_path):
+    made, undone = [], []
+    monkeypatch.setattr(tunnel, "_check", lambda argv, *a, **k: made.append([str(x) for x in argv]) or "")
+    monkeypatch.setattr(tunnel, "_run", lambda argv, *a, **k: undone.append([str(x) for x in argv]))
+    with HandBuiltIpsec(_FakeBed(), tmp_path) as t:
+        assert (t.remote_ip, t.iface, t.wg_pids()) == ("198.19.0.2", None, [])
+    host = {ns: [c[3:] for c in made if c[2] == ns] for ns in _FakeBed.ns}
+    states = {ns: [c for c in cmds if c[:3] == ["xfrm", "state", "add"]] for ns, cmds in host.items()}
+    # Each host: the SA it sends with and the one it receives with; the same two SAs on both hosts
+    sas = [sorted(" ".join(c[3:]) for c in states[ns]) for ns in _FakeBed.ns]
+    assert len(sas[0]) == 2 and sas[0] == sas[1]
+    for sa in states["whbench1a"]:
+        assert sa[3:7] in (["src", "198.18.0.1", "dst", "198.18.0.2"], ["src", "198.18.0.2", "dst", "198.18.0.1"])
+        assert sa[7:9] == ["proto", "esp"] and 0x100 <= int(sa[10], 16) < 2**32
+        assert sa[11:] == ["reqid", str(0x4242), "mode", "tunnel", "replay-window", "32",
+                           "aead", "rfc4106(gcm(aes))", sa[19], "128"]
+        assert len(bytes.fromhex(sa[19][2:])) == 20
+    assert states["whbench1a"][0][10] != states["whbench1a"][1][10], "two SPIs"
+    assert [c for c in host["whbench1a"] if c[:3] == ["xfrm", "policy", "add"]] == [
+        ["xfrm", "policy", "add", "src", a, "dst", b, "dir", d, "tmpl", "src", ts, "dst", td,
+         "proto", "esp", "reqid", str(0x4242), "mode", "tunnel"]
+        for a, b, d, ts, td in (("198.19.0.1/32", "198.19.0.2/32", "out", "198.18.0.1", "198.18.0.2"),
+                                ("198.19.0.2/32", "198.19.0.1/32", "in", "198.18.0.2", "198.18.0.1"),
+                                ("198.19.0.2/32", "198.19.0.1/32", "fwd", "198.18.0.2", "198.18.0.1"))]
+    assert ["addr", "add", "198.19.0.2/32", "dev", "lo"] in host["whbench1b"]
+    assert ["route", "add", "198.19.0.2/32", "dev", "whb1a", "src", "198.19.0.1"] in host["whbench1a"]
+    # Everything made is removed on exit, the last made first
+    assert len(undone) == len(made) == 2 * (2 + 3 + 2)
+    assert undone[0][3:] == ["route", "del", "198.19.0.1/32"] and undone[-1][3:6] == ["xfrm", "state", "delete"]
+
+
+def test_hand_built_ipsec_removes_what_it_made_when_a_step_fails(monkeypatch, tmp_path):
+    made, undone = [], []
+
+    def check(argv, *a, **k):
+        if "policy" in argv:
+            raise BenchError("ip xfrm policy add failed")
+        made.append(argv)
+        return ""
+    monkeypatch.setattr(tunnel, "_check", check)
+    monkeypatch.setattr(tunnel, "_run", lambda argv, *a, **k: undone.append([str(x) for x in argv]))
+    with pytest.raises(BenchError, match="policy"):
+        HandBuiltIpsec(_FakeBed(), tmp_path).__enter__()
+    assert len(made) == 2 and [c[3:5] for c in undone] == [["xfrm", "state"]] * 2
+
+
+def test_lab_only():
+    import lab
+    assert lab.parse_only(None) == ["kernel-wireguard", "ipsec"]
+    assert lab.parse_only("ipsec,kernel-wireguard") == ["kernel-wireguard", "ipsec"]
+    assert lab.parse_only("ipsec") == ["ipsec"]
+    with pytest.raises(ValueError, match="wireguard-go"):
+        lab.parse_only("wireguard-go")
+
+
+def test_tunnel_table_in_mbits_for_the_lab():
+    rows = [TunnelRow("hand-built", samples=[40.3e6], mtu=1420),
+            TunnelRow("wormhole", samples=[38.9e6], mtu=1420, create_s=[5.2])]
+    lines = format_tunnel_table(rows, unit="Mbit/s").splitlines()
+    assert lines[0].split()[:3] == ["tunnel", "throughput", "Mbit/s"]
+    assert lines[3].split()[:3] == ["wormhole", "38.90", "0.97"]
+    assert len({len(l) for l in lines[:4]}) == 1, "columns align"
+
+
+def test_lab_header_says_tcg_figures_are_for_ratios():
+    import datetime
+    import lab
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    assert "without KVM (TCG): figures are for ratios only" in lab.lab_header(when, 5, "qemu")
+    assert "virt kvm" in lab.lab_header(when, 5, "kvm") and "TCG" not in lab.lab_header(when, 5, "kvm")

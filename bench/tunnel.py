@@ -1,24 +1,35 @@
-"""The tunnel table of `make bench`: a WireGuard tunnel built by wormhole against the
-same tunnel built by hand, between two test hosts.
+"""The tunnel tables of `make bench`: a tunnel built by wormhole against the same tunnel
+built by hand, between two test hosts, for one backend:
+
+* wireguard-go (the host table): WireGuard run by the userspace wireguard-go;
+* kernel-wireguard (the kernel lab, bench/lab.py): the kernel's WireGuard;
+* ipsec (the kernel lab): ESP in tunnel mode through xfrm, AES-GCM.
 
 Two network namespaces joined by a veth pair (198.18.0.1/24 and 198.18.0.2/24) are
 the two hosts. On them:
 
-* hand-built: wireguard-go started by hand on each host, configured with `wg set`
+* hand-built: made as an admin would. WireGuard: wireguard-go started by hand on each
+  host (or a kernel `ip link add ... type wireguard`), configured with `wg set`
   (private key, listen port, peer, preshared key, endpoint, persistent keepalive 25)
-  and `ip` (overlay address /32, MTU = veth MTU - 80, route to the far /32);
+  and `ip` (overlay address /32, MTU = veth MTU - 80, route to the far /32). ipsec:
+  `ip xfrm state add` (two SAs, rfc4106(gcm(aes)), AES-128 + salt, 128-bit ICV,
+  replay window 32) and `ip xfrm policy add` (out, in, fwd for the overlay /32 pair,
+  an ESP tunnel template between the underlay addresses), the overlay address on lo
+  and a route to the far /32 by the veth with it as source: what wormholed/tunnels
+  ipsec.py and xfrm.py make;
 * wormhole: a wormholed on each host (each its own key file, the same key) and
-  `wormhole tunnel-create 198.18.0.2` run against the first (timed: the CLI's
-  wall-clock, median of a few creates each made after a `tunnel-delete`).
+  `wormhole tunnel-create [--type ipsec] 198.18.0.2` run against the first (timed: the
+  CLI's wall-clock, median of a few creates each made after a `tunnel-delete`).
 
 Then iperf3, one TCP stream from host 1 to an `iperf3 -s` bound to host 2's overlay
-address, through each tunnel in turn (A B B A A B B A), the median per tunnel, and the
+address, through each tunnel in turn (A B B A ...), the median per tunnel, and the
 ratio wormhole/hand-built.
 
 Everything is made under unique names (whbench<PID>a/b) and removed at the end,
-on error, on Ctrl-C and on SIGTERM: the processes in the two namespaces (the
-wireguard-go wormhole detaches too), the /run/wireguard sockets of their
-interfaces, the namespaces with the veth pair, the temporary files.
+on error, on Ctrl-C and on SIGTERM: the hand-built tunnel (its processes, interfaces,
+xfrm states and policies), wormhole's (tunnel-delete), the processes in the two
+namespaces (the wireguard-go wormhole starts detaches too), the /run/wireguard sockets
+of their interfaces, the namespaces with the veth pair, the temporary files.
 """
 
 from __future__ import annotations
@@ -52,10 +63,44 @@ GOAL = 0.95  # wormhole/hand-built throughput
 CREATES = 3  # timed tunnel-creates, each after a tunnel-delete
 ROUNDS = 4  # iperf3 runs per tunnel, in the order A B B A A B B A
 TUNNEL_ROWS = ("hand-built", "wormhole")
-TOOLS = ("ip", "ss", "iperf3", "wireguard-go", "wg")
 NETNS_DIR = Path("/run/netns")
 WG_RUN = Path("/run/wireguard")
 NS_PREFIX = "whbench"
+# The hand-built ipsec tunnel: wormhole's transform (wormholed/tunnels/xfrm.py, gcm_aes), and a
+# reqid outside the range wormholed sweeps as its own strays (0x57480001..0x5748ffff).
+ESP_AEAD = "rfc4106(gcm(aes))"
+ESP_KEY_BYTES = 20  # AES-128 key + 4 bytes of salt (RFC 4106)
+ESP_ICV_BITS = 128
+ESP_REPLAY_WINDOW = 32
+HAND_REQID = 0x4242
+# Timeouts are multiplied by this (bench/lab.py raises it: qemu without KVM is slow).
+SLOW = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """What carries both tunnels of one table."""
+    name: str  # wireguard-go, kernel-wireguard, ipsec
+    title: str  # in the table's header
+    wormhole_backend: str  # what `tunnel-list` should say wormhole's tunnel runs on
+    create_args: tuple[str, ...]  # tunnel-create options
+    hand_built: str  # what the hand-built row is made with (progress line)
+    tools: tuple[str, ...]
+
+    @property
+    def wireguard(self) -> bool:
+        return self.name != "ipsec"
+
+
+BACKENDS = {b.name: b for b in (
+    Backend("wireguard-go", "WireGuard", "wireguard-go", (), "wireguard-go + wg + ip",
+            ("ip", "ss", "iperf3", "wireguard-go", "wg")),
+    Backend("kernel-wireguard", "kernel WireGuard", "kernel", (), "ip link add type wireguard + wg + ip",
+            ("ip", "ss", "iperf3", "wg")),
+    Backend("ipsec", f"ipsec (ESP tunnel mode, xfrm, {ESP_AEAD} AES-128)", "xfrm", ("--type", "ipsec"),
+            "ip xfrm state + ip xfrm policy + ip", ("ip", "ss", "iperf3")),
+)}
+TOOLS = BACKENDS["wireguard-go"].tools  # the host table's
 
 
 # --------------------------------------------------------------------------
@@ -130,6 +175,34 @@ def parse_listening(text: str, ip: str, port: int) -> bool:
     return any(want in line.split() for line in text.splitlines())
 
 
+def parse_xfrm_states(text: str) -> list[dict]:
+    """The states in ``ip -s xfrm state list`` output: src, dst, spi, reqid and the bytes
+    of "lifetime current" (what went through the SA), one dict per state."""
+    states = []
+    for block in re.split(r"^(?=src \S+ dst \S+\s*$)", text, flags=re.MULTILINE):
+        head = re.match(r"src (\S+) dst (\S+)\s*\n\s*proto (\S+) spi (0x[0-9a-fA-F]+)\S* reqid ([0-9]+)",
+                        block)
+        if not head:
+            if block.strip():
+                raise BenchError(f"cannot read ip xfrm state output: {block.strip()[:200]!r}")
+            continue
+        current = re.search(r"lifetime current:\s*\n\s*([0-9]+)\(bytes\), ([0-9]+)\(packets\)", block)
+        if not current:
+            raise BenchError(f"ip xfrm state shows no counters (ip -s?): {block.strip()[:200]!r}")
+        states.append({"src": head.group(1), "dst": head.group(2), "proto": head.group(3),
+                       "spi": int(head.group(4), 16), "reqid": int(head.group(5)),
+                       "bytes": int(current.group(1)), "packets": int(current.group(2))})
+    return states
+
+
+def xfrm_bytes(text: str, src: str, dst: str, spi: int) -> int:
+    """Bytes through the ESP state src -> dst with SPI, from ``ip -s xfrm state list``."""
+    for state in parse_xfrm_states(text):
+        if (state["src"], state["dst"], state["spi"], state["proto"]) == (src, dst, spi, "esp"):
+            return state["bytes"]
+    raise BenchError(f"no ESP state {src} -> {dst} spi {spi:#010x}")
+
+
 def tunnel_mtu(underlay_mtu: int) -> int:
     """wormhole's rule: the route MTU toward the peer minus WireGuard's worst-case overhead."""
     return underlay_mtu - MTU_OVERHEAD
@@ -180,11 +253,14 @@ def tunnel_ratio(rows: list[TunnelRow]) -> float | None:
     return wh.bps / hand.bps
 
 
-def format_tunnel_table(rows: list[TunnelRow], header: str = "") -> str:
+UNITS = {"Gbit/s": 1e9, "Mbit/s": 1e6}  # throughput column: Mbit/s for the lab's slow figures
+
+
+def format_tunnel_table(rows: list[TunnelRow], header: str = "", unit: str = "Gbit/s") -> str:
     """The tunnel table; the ratio is wormhole against hand-built, with the goal."""
     ratio = tunnel_ratio(rows)
     width = max([len("tunnel")] + [len(r.name) for r in rows])
-    cols = (f"{'throughput Gbit/s':>18} {'ratio':>6} {'goal':>11} {'MTU':>5}"
+    cols = (f"{'throughput ' + unit:>18} {'ratio':>6} {'goal':>11} {'MTU':>5}"
             f" {'tunnel-create s':>16} {'wg CPU s/GB':>12}")
     lines = [header] if header else []
     lines.append(f"{'tunnel':<{width}}  {cols}")
@@ -202,7 +278,7 @@ def format_tunnel_table(rows: list[TunnelRow], header: str = "") -> str:
             lines.append(f"{row.name:<{width}}  n/a ({row.error})")
             continue
         bps = row.bps
-        tput = note(row, "throughput", "n/a" if bps is None else f"{bps / 1e9:.2f}")
+        tput = note(row, "throughput", "n/a" if bps is None else f"{bps / UNITS[unit]:.2f}")
         if row.name == "hand-built":
             r, goal = ("1.00" if bps else "n/a"), "-"
         else:
@@ -226,8 +302,9 @@ def format_tunnel_table(rows: list[TunnelRow], header: str = "") -> str:
     return "\n".join(lines)
 
 
-def tunnel_to_json(rows: list[TunnelRow]) -> dict:
+def tunnel_to_json(rows: list[TunnelRow], backend: str = "wireguard-go") -> dict:
     return {
+        "backend": backend,
         "underlay": list(UNDERLAY),
         "goal_ratio": GOAL,
         "ratio": tunnel_ratio(rows),
@@ -248,12 +325,13 @@ def tunnel_to_json(rows: list[TunnelRow]) -> dict:
     }
 
 
-def tunnel_header(duration: float, veth_mtu: int | None = None) -> str:
+def tunnel_header(duration: float, veth_mtu: int | None = None, backend: str = "wireguard-go",
+                  rounds: int = ROUNDS) -> str:
     mtu = f" (MTU {veth_mtu})" if veth_mtu else ""
-    return (f"tunnel: WireGuard between two namespaces joined by a veth pair{mtu}, "
+    return (f"tunnel: {BACKENDS[backend].title} between two namespaces joined by a veth pair{mtu}, "
             f"{UNDERLAY[0]} -> {UNDERLAY[1]}\n"
-            f"throughput: iperf3, 1 TCP stream to host 2's overlay IP, median of {ROUNDS} runs "
-            f"of {duration:g} s per tunnel (order {' '.join(abba(('A', 'B'), ROUNDS))}, A = hand-built);"
+            f"throughput: iperf3, 1 TCP stream to host 2's overlay IP, median of {rounds} runs "
+            f"of {duration:g} s per tunnel (order {' '.join(abba(('A', 'B'), rounds))}, A = hand-built);"
             f" ratio: wormhole / hand-built\n")
 
 
@@ -263,6 +341,7 @@ def tunnel_header(duration: float, veth_mtu: int | None = None) -> str:
 
 def _run(argv: list, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
     argv = [str(a) for a in argv]
+    timeout *= SLOW
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
                               stdin=None if input is not None else subprocess.DEVNULL)
@@ -349,7 +428,12 @@ class Testbed:
     def link(self, i: int, ifname: str) -> dict:
         return parse_ip_link(_check(["ip", "-n", self.ns[i], "-j", "-s", "link", "show", "dev", ifname]))
 
+    def esp_bytes(self, i: int, src: str, dst: str, spi: int) -> int:
+        """Bytes through an ESP state on host I+1 (its xfrm "lifetime current")."""
+        return xfrm_bytes(_check(["ip", "-n", self.ns[i], "-s", "xfrm", "state", "list"]), src, dst, spi)
+
     def wait_listening(self, i: int, ip: str, port: int, proc: Proc, timeout: float = 10) -> None:
+        timeout *= SLOW
         deadline = time.monotonic() + timeout
         while not parse_listening(self.check(i, "ss", "-Hltn"), ip, port):
             if not proc.alive():
@@ -442,18 +526,31 @@ def sweep_stale(log: Callable[[str], None]) -> None:
 class Tunnel:
     """A tunnel ready to measure: host 2's overlay IP and what carries it."""
     remote_ip: str
-    iface: str  # on host 1
-    wg_pids: Callable[[], list[int]]  # the wireguard-go processes (both hosts)
+    iface: str | None  # host 1's tunnel interface (WireGuard); None for ipsec (no interface)
+    wg_pids: Callable[[], list[int]]  # the wireguard-go processes (both hosts); none in the kernel
+    sent: Callable[[], int]  # bytes host 1 has sent into the tunnel so far
+    via: str  # what carries it, for messages
 
 
-class HandBuilt:
-    """wireguard-go on each host, configured with wg and ip as an admin would."""
+def _wireguard_sent(bed: "Testbed", iface: str) -> Callable[[], int]:
+    return lambda: bed.link(0, iface)["tx_bytes"]
 
-    def __init__(self, bed: Testbed, tmp: Path):
-        self.bed, self.tmp = bed, tmp / "hand-built"
+
+def _esp_sent(bed: "Testbed", spi: int) -> Callable[[], int]:
+    """Host 1's outbound SA (198.18.0.1 -> 198.18.0.2, SPI)."""
+    return lambda: bed.esp_bytes(0, UNDERLAY[0], UNDERLAY[1], spi)
+
+
+class HandBuiltWireguard:
+    """wireguard-go (or, kernel=True, the kernel's WireGuard) on each host, configured with
+    wg and ip as an admin would."""
+
+    def __init__(self, bed: Testbed, tmp: Path, kernel: bool = False):
+        self.bed, self.tmp, self.kernel = bed, tmp / "hand-built", kernel
         pid = os.getpid()
         self.ifaces = (f"whbwg{pid}a", f"whbwg{pid}b")  # not wh-*: wormholed removes those
         self.procs: list[Proc] = []
+        self.links: list[int] = []  # hosts where a kernel interface was added
 
     def __enter__(self) -> Tunnel:
         self.tmp.mkdir(mode=0o700)
@@ -475,6 +572,10 @@ class HandBuilt:
         for i in (0, 1):
             iface = self.ifaces[i]
             bed.ifaces.add(iface)
+            if self.kernel:
+                _check(["ip", "-n", bed.ns[i], "link", "add", iface, "type", "wireguard"])
+                self.links.append(i)
+                continue
             proc = Proc(f"wireguard-go-{i + 1}", bed.argv(i, "wireguard-go", "-f", iface), self.tmp)
             self.procs.append(proc.__enter__())
             self._wait_uapi(i, proc)
@@ -489,7 +590,8 @@ class HandBuilt:
             _check(["ip", "-n", ns, "link", "set", iface, "mtu", mtu, "up"])
             _check(["ip", "-n", ns, "route", "add", f"{HAND_OVERLAY[j]}/32", "dev", iface])
         pids = [p.popen.pid for p in self.procs]  # ip netns exec execs wireguard-go: same PID
-        return Tunnel(HAND_OVERLAY[1], self.ifaces[0], lambda: pids)
+        return Tunnel(HAND_OVERLAY[1], self.ifaces[0], lambda: pids, _wireguard_sent(bed, self.ifaces[0]),
+                      self.ifaces[0])
 
     def _secret(self, name: str, value: str) -> Path:
         path = self.tmp / name
@@ -499,6 +601,7 @@ class HandBuilt:
         return path
 
     def _wait_uapi(self, i: int, proc: Proc, timeout: float = 10) -> None:
+        timeout *= SLOW
         deadline = time.monotonic() + timeout
         while not (WG_RUN / f"{self.ifaces[i]}.sock").exists():
             if not proc.alive():
@@ -511,13 +614,84 @@ class HandBuilt:
         for proc in self.procs:
             proc.stop()  # SIGTERM: wireguard-go removes its interface and socket
         self.procs.clear()
+        for i in self.links:  # the kernel's interface goes with its link
+            with contextlib.suppress(BenchError):
+                _run(["ip", "-n", self.bed.ns[i], "link", "del", self.ifaces[i]], timeout=10)
+        self.links.clear()
+
+
+class HandBuiltIpsec:
+    """ESP in tunnel mode made with ip xfrm and ip as an admin would, the way wormholed makes its
+    ipsec tunnels (wormholed/tunnels/ipsec.py, xfrm.py): on each host two SAs between the
+    underlay addresses (the one it sends with and the one it receives with: a fresh random
+    SPI and key each, rfc4106(gcm(aes)) with 16 bytes of AES key + 4 of salt, a 128-bit ICV,
+    replay window 32, no lifetime limits), three policies for the overlay /32 pair (out; in
+    and fwd) with one ESP tunnel template between the underlay addresses, the overlay
+    address on lo and a route to the far overlay address by the veth with it as source."""
+
+    def __init__(self, bed: Testbed, tmp: Path):
+        self.bed = bed
+        self.undo: list[list] = []  # commands that remove what was made, in the order made
+
+    def __enter__(self) -> Tunnel:
+        try:
+            return self._build()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _build(self) -> Tunnel:
+        bed, u, o = self.bed, UNDERLAY, HAND_OVERLAY
+        spis: list[int] = []
+        while len(spis) < 2:  # SPIs below 256 are reserved (RFC 4303)
+            spi = 0x100 + secrets.randbelow(2**32 - 0x100)
+            if spi not in spis:
+                spis.append(spi)
+        keys = [secrets.token_bytes(ESP_KEY_BYTES).hex() for _ in (0, 1)]  # host i sends with spis[i]
+        for i, j in ((0, 1), (1, 0)):
+            ip = ["ip", "-n", bed.ns[i]]
+            for a, b in ((i, j), (j, i)):  # the SA host a sends to host b with
+                sa = ["src", u[a], "dst", u[b], "proto", "esp", "spi", f"{spis[a]:#010x}"]
+                self._do(ip + ["xfrm", "state", "add", *sa, "reqid", HAND_REQID, "mode", "tunnel",
+                               "replay-window", ESP_REPLAY_WINDOW, "aead", ESP_AEAD, "0x" + keys[a],
+                               ESP_ICV_BITS],
+                         ip + ["xfrm", "state", "delete", *sa])
+            for src, dst, direction, t_src, t_dst in ((o[i], o[j], "out", u[i], u[j]),
+                                                      (o[j], o[i], "in", u[j], u[i]),
+                                                      (o[j], o[i], "fwd", u[j], u[i])):
+                sel = ["src", f"{src}/32", "dst", f"{dst}/32", "dir", direction]
+                self._do(ip + ["xfrm", "policy", "add", *sel, "tmpl", "src", t_src, "dst", t_dst,
+                               "proto", "esp", "reqid", HAND_REQID, "mode", "tunnel"],
+                         ip + ["xfrm", "policy", "delete", *sel])
+            self._do(ip + ["addr", "add", f"{o[i]}/32", "dev", "lo"],
+                     ip + ["addr", "del", f"{o[i]}/32", "dev", "lo"])
+            self._do(ip + ["route", "add", f"{o[j]}/32", "dev", bed.veth[i], "src", o[i]],
+                     ip + ["route", "del", f"{o[j]}/32"])
+        return Tunnel(o[1], None, lambda: [], _esp_sent(bed, spis[0]), f"ESP SA spi {spis[0]:#010x}")
+
+    def _do(self, argv: list, undo: list) -> None:
+        _check(argv)
+        self.undo.append(undo)
+
+    def __exit__(self, *exc) -> None:
+        for argv in reversed(self.undo):
+            with contextlib.suppress(BenchError):
+                _run(argv, timeout=10)
+        self.undo.clear()
+
+
+def hand_built(backend: Backend, bed: Testbed, tmp: Path) -> HandBuiltWireguard | HandBuiltIpsec:
+    if backend.name == "ipsec":
+        return HandBuiltIpsec(bed, tmp)
+    return HandBuiltWireguard(bed, tmp, kernel=backend.name == "kernel-wireguard")
 
 
 class WormholeSide:
     """A wormholed on each host; the tunnel is `wormhole tunnel-create` from host 1."""
 
-    def __init__(self, bed: Testbed, tmp: Path, log: Callable[[str], None]):
-        self.bed, self.tmp, self.log = bed, tmp / "wormhole-tunnel", log
+    def __init__(self, bed: Testbed, tmp: Path, log: Callable[[str], None],
+                 backend: Backend = BACKENDS["wireguard-go"]):
+        self.bed, self.tmp, self.log, self.backend = bed, tmp / "wormhole-tunnel", log, backend
         self.dirs = (self.tmp / "host1", self.tmp / "host2")
         self.procs: list[Proc] = []
         self.created = False
@@ -531,7 +705,7 @@ class WormholeSide:
     def cli(self, i: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """The CLI, run here (not in the namespace): it reaches the daemon by its unix socket."""
         return run_tool([str(WORMHOLE_BIN / "wormhole"), "-H", f"unix://{self.sock(i)}",
-                         "-K", str(self.key(i)), *args], timeout)
+                         "-K", str(self.key(i)), *args], timeout * SLOW)
 
     def __enter__(self) -> "WormholeSide":
         # Each host its own key file, the same key (peers authenticate with it). The
@@ -562,6 +736,7 @@ class WormholeSide:
 
     def _wait_ping(self, i: int, timeout: float = 15) -> None:
         proc = self.procs[i]
+        timeout *= SLOW
         deadline = time.monotonic() + timeout
         while True:
             if not proc.alive():
@@ -578,7 +753,7 @@ class WormholeSide:
         """tunnel-create from host 1: (local overlay IP, remote overlay IP, CLI seconds)."""
         was, self.created = self.created, True  # from here on, cleanup deletes the tunnel
         start = time.perf_counter()
-        res = self.cli(0, "tunnel-create", UNDERLAY[1])
+        res = self.cli(0, "tunnel-create", *self.backend.create_args, UNDERLAY[1])
         seconds = time.perf_counter() - start
         if res.returncode == 2:  # a usage error (no such command): nothing was made
             self.created = was
@@ -605,24 +780,37 @@ class WormholeSide:
             row.notes["tunnel-create"] = str(exc)
             if not self._has_address(src):  # deleted, not recreated: nothing to measure
                 src, dst, _ = self.create()
-        iface = iface_with_address(self.bed.check(0, "ip", "-j", "addr", "show"), src)
-        self.bed.ifaces.add(iface)
-        row.interface = iface
+        iface = None
+        if self.backend.wireguard:
+            iface = iface_with_address(self.bed.check(0, "ip", "-j", "addr", "show"), src)
+            self.bed.ifaces.add(iface)
+            row.interface = iface
         res = self.cli(0, "tunnel-list", "--json")
+        entry: dict = {}
         try:
             if res.returncode != 0:
                 raise BenchError(cli_message(res.stderr, res.stdout, res.returncode))
             entry = parse_tunnel_list(res.stdout, UNDERLAY[1])
             row.backend = entry.get("backend")
-            if row.backend not in (None, "wireguard-go"):
+            want = self.backend.wormhole_backend
+            if row.backend not in (None, want):
                 row.notes["backend"] = (f"wormhole's tunnel runs on {row.backend}, the hand-built one "
-                                        "on wireguard-go: the ratio compares implementations")
-            if entry.get("interface") not in (None, iface):
+                                        f"on {want}: the ratio compares implementations")
+            if iface and entry.get("interface") not in (None, iface):
                 row.notes["tunnel-list"] = f"names {entry.get('interface')}, but {src} is on {iface}"
         except BenchError as exc:
             row.notes["tunnel-list"] = f"tunnel-list: {exc}"
         bed = self.bed
-        return Tunnel(dst, iface, lambda: _wireguard_go_pids(bed))
+        if iface:
+            return Tunnel(dst, iface, lambda: _wireguard_go_pids(bed), _wireguard_sent(bed, iface), iface)
+        # ipsec: no interface; what host 1 sends goes through the SA tunnel-list names.
+        try:
+            spi = int(entry["spi_out"], 16)
+        except (KeyError, TypeError, ValueError):
+            raise BenchError(f"tunnel-list names no outbound SA (spi_out) of the ipsec tunnel to "
+                             f"{UNDERLAY[1]}: {row.notes.get('tunnel-list') or entry}") from None
+        row.interface = None
+        return Tunnel(dst, None, lambda: [], _esp_sent(bed, spi), f"ESP SA spi {spi:#010x}")
 
     def _has_address(self, ip: str) -> bool:
         try:
@@ -673,7 +861,7 @@ def iperf3_server(bed: Testbed, ip: str, tmp: Path) -> Iterator[None]:
 
 def measure(bed: Testbed, tunnel: Tunnel, duration: float) -> tuple[float, float | None]:
     """One iperf3 run host 1 -> host 2 through TUNNEL: (bits/s, wireguard-go CPU s)."""
-    before = bed.link(0, tunnel.iface)["tx_bytes"]
+    before = tunnel.sent()
     pids = tunnel.wg_pids()
     cpu0 = [_proc_cpu(p) for p in pids]
     res = _run(bed.argv(0, "iperf3", "-c", tunnel.remote_ip, "-p", IPERF_PORT,
@@ -685,9 +873,9 @@ def measure(bed: Testbed, tunnel: Tunnel, duration: float) -> tuple[float, float
         if res.returncode != 0 and not res.stdout.strip():
             raise BenchError(f"iperf3 exited with {res.returncode}: {cli_message(res.stderr)}") from None
         raise
-    sent = bed.link(0, tunnel.iface)["tx_bytes"] - before
+    sent = tunnel.sent() - before
     if sent < 0.5 * bps * duration / 8:  # the stream went some other way
-        raise BenchError(f"only {sent} bytes left through {tunnel.iface} for "
+        raise BenchError(f"only {sent} bytes left through {tunnel.via} for "
                          f"{bps * duration / 8:.0f} received")
     cpu = None
     if pids and None not in cpu0 and None not in cpu1:
@@ -696,41 +884,48 @@ def measure(bed: Testbed, tunnel: Tunnel, duration: float) -> tuple[float, float
 
 
 def run_tunnel(duration: float, log: Callable[[str], None], tmp: Path,
-               rounds: int = ROUNDS, creates: int = CREATES) -> tuple[list[TunnelRow], int | None]:
-    """Both rows of the tunnel table, and the veth MTU."""
+               rounds: int = ROUNDS, creates: int = CREATES,
+               backend: str = "wireguard-go") -> tuple[list[TunnelRow], int | None]:
+    """Both rows of one backend's tunnel table, and the veth MTU."""
+    b = BACKENDS[backend]
+    tag = "tunnel" if backend == "wireguard-go" else f"tunnel {backend}"
     rows = {name: TunnelRow(name) for name in TUNNEL_ROWS}
     if os.geteuid() != 0:
         for row in rows.values():
             row.error = "needs root (network namespaces)"
         return list(rows.values()), None
+    tmp = tmp / f"tunnel-{backend}"
+    tmp.mkdir(mode=0o700)
     with contextlib.ExitStack() as stack:
         try:
             bed = stack.enter_context(Testbed(log))
         except BenchError as exc:
-            log(f"tunnel: test hosts: {exc}")
+            log(f"{tag}: test hosts: {exc}")
             for row in rows.values():
                 row.error = f"test hosts: {exc}"
             return list(rows.values()), None
         tunnels: dict[str, Tunnel] = {}
-        log("tunnel: hand-built: wireguard-go + wg + ip on both hosts")
+        log(f"{tag}: hand-built: {b.hand_built} on both hosts")
         try:
-            tunnels["hand-built"] = stack.enter_context(HandBuilt(bed, tmp))
+            tunnels["hand-built"] = stack.enter_context(hand_built(b, bed, tmp))
             rows["hand-built"].interface = tunnels["hand-built"].iface
-            rows["hand-built"].backend = "wireguard-go"
+            rows["hand-built"].backend = b.wormhole_backend
         except BenchError as exc:
-            log(f"tunnel: hand-built: {exc}")
+            log(f"{tag}: hand-built: {exc}")
             rows["hand-built"].error = str(exc)
-        log("tunnel: wormhole: a wormholed on both hosts, tunnel-create 198.18.0.2")
+        log(f"{tag}: wormhole: a wormholed on both hosts, tunnel-create "
+            f"{' '.join(b.create_args + (UNDERLAY[1],))}")
         try:
-            side = stack.enter_context(WormholeSide(bed, tmp, log))
+            side = stack.enter_context(WormholeSide(bed, tmp, log, b))
             tunnels["wormhole"] = side.build(rows["wormhole"], creates)
         except BenchError as exc:
-            log(f"tunnel: wormhole: {exc}")
+            log(f"{tag}: wormhole: {exc}")
             rows["wormhole"].error = str(exc)
         ready = []
         for name, tunnel in tunnels.items():
             try:
-                rows[name].mtu = bed.link(0, tunnel.iface)["mtu"]
+                if tunnel.iface:
+                    rows[name].mtu = bed.link(0, tunnel.iface)["mtu"]
                 stack.enter_context(iperf3_server(bed, tunnel.remote_ip, tmp))
                 ready.append(name)
             except BenchError as exc:
@@ -738,7 +933,7 @@ def run_tunnel(duration: float, log: Callable[[str], None], tmp: Path,
         cpu_used: dict[str, list[tuple[float, float]]] = {}  # name -> [(CPU s, bits/s)]
         for name in abba(ready, rounds):
             row = rows[name]
-            log(f"tunnel: {name}: iperf3 to {tunnels[name].remote_ip} via {tunnels[name].iface}")
+            log(f"{tag}: {name}: iperf3 to {tunnels[name].remote_ip} via {tunnels[name].via}")
             try:
                 bps, cpu = measure(bed, tunnels[name], duration)
             except BenchError as exc:
