@@ -58,7 +58,7 @@ bench: install
 	$(PY) bench/run.py
 	@t0=$$(date +%s); LAB_TIMEOUT=$${LAB_TIMEOUT:-900} ./scripts/lab-or-skip \
 	    'the kernel-lab bench rows (kernel WireGuard, ipsec)' '$(LAB_BENCH)'; rc=$$?; \
-	echo "[make bench] kernel lab: $$(( $$(date +%s) - t0 )) s wall clock, boot included"; exit $$rc
+	echo "[make bench] kernel lab: $$(( $$(date +%s) - t0 )) s wall clock (boot, and any wait for another lab, included)"; exit $$rc
 
 # lab: the tunnel functional tests inside a Debian kernel (kernel WireGuard) booted with virtme-ng
 # under qemu; ./scripts/kernel-lab 'COMMAND' runs another command there.
