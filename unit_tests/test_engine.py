@@ -1,0 +1,748 @@
+"""wormholed._engine, the native relay, over real loopback sockets (no root needed).
+
+Every test checks that it left no fd open. WORMHOLE_ENGINE_SO=path loads the
+extension from that file instead (``make test-engine-asan`` points it at an
+ASan/UBSan build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import hashlib
+import importlib.util
+import os
+import random
+import resource
+import select
+import socket
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+if os.environ.get("WORMHOLE_ENGINE_SO"):
+    _spec = importlib.util.spec_from_file_location("wormholed._engine", os.environ["WORMHOLE_ENGINE_SO"])
+    _engine = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_engine)
+    sys.modules["wormholed._engine"] = _engine
+else:
+    from wormholed import _engine
+
+LOCAL = "127.0.0.1"
+LINGER0 = b"\1\0\0\0\0\0\0\0"
+RESETS = (errno.ECONNRESET, errno.EPIPE)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def describe(fds) -> dict:
+    out = {}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leak():
+    gc.collect()
+    before = open_fds()
+    yield
+    gc.collect()
+    leaked = open_fds() - before
+    assert not leaked, describe(leaked)
+
+
+@pytest.fixture
+def eng():
+    engine = _engine.Engine()
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in time"
+        time.sleep(0.005)
+
+
+def listening(host: str = LOCAL, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(backlog)
+    return sock
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+class Setup:
+    """An engine listener on loopback whose target is a server socket the test accepts on."""
+
+    def __init__(self, eng, target: bool = True, host: str = LOCAL):
+        self.eng = eng
+        self.server = listening(host)
+        head = listening(host)
+        head.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head.setblocking(False)
+        self.addr = head.getsockname()[:2]
+        self.lid = eng.listen(head.fileno())
+        head.close()  # the engine has its own dup
+        self.family = self.server.family
+        if target:
+            eng.set_target(self.lid, self.family, host, self.server.getsockname()[1])
+        self.socks: list[socket.socket] = []
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        """(client, the server's end) of one relayed connection."""
+        client = socket.create_connection(self.addr, timeout=10)
+        self.socks.append(client)
+        self.server.settimeout(10)
+        conn, _ = self.server.accept()
+        conn.settimeout(10)
+        self.socks.append(conn)
+        return client, conn
+
+    def stats(self):
+        return self.eng.stats(self.lid)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.server.close()
+        with contextlib.suppress(ValueError):
+            self.eng.unlisten(self.lid)
+
+
+@pytest.fixture
+def setup(eng):
+    s = Setup(eng)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        data = sock.recv(min(n - len(buf), 1 << 20))
+        assert data, f"EOF after {len(buf)} of {n} bytes"
+        buf += data
+    return bytes(buf)
+
+
+def outcome(sock: socket.socket, timeout: float = 5.0) -> str:
+    """'eof', 'reset' or 'data' for what the socket gets next."""
+    sock.settimeout(timeout)
+    try:
+        return "data" if sock.recv(65536) else "eof"
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+
+
+def reset_close(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+    sock.close()
+
+
+def wait_handoffs(eng, count: int = 1, timeout: float = 10.0) -> list:
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{len(got)} handoffs of {count}"
+        if select.select([eng.fileno()], [], [], left)[0]:
+            got += eng.handoffs()
+    return got
+
+
+# --------------------------------------------------------------------------
+# bytes
+
+
+def test_bytes_both_ways(setup):
+    client, server = setup.pair()
+    client.sendall(b"ping")
+    assert recv_exactly(server, 4) == b"ping"
+    server.sendall(b"pong!")
+    assert recv_exactly(client, 5) == b"pong!"
+    assert setup.stats() == (1, 1, 4, 5)
+
+
+def test_ipv6(eng):
+    if not socket.has_ipv6 or not os.path.exists("/proc/net/if_inet6"):
+        pytest.skip("no IPv6")
+    s = Setup(eng, host="::1")
+    try:
+        client, server = s.pair()
+        client.sendall(b"six")
+        assert recv_exactly(server, 3) == b"six"
+    finally:
+        s.close()
+
+
+def _pump_concurrently(client, server, up: bytes, down: bytes) -> None:
+    results = {}
+
+    def send(sock, data):
+        sock.sendall(data)
+
+    def receive(name, sock, n):
+        h = hashlib.sha256()
+        got = 0
+        while got < n:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            got += len(chunk)
+        results[name] = (got, h.hexdigest())
+
+    threads = [threading.Thread(target=send, args=(client, up)),
+               threading.Thread(target=send, args=(server, down)),
+               threading.Thread(target=receive, args=("up", server, len(up))),
+               threading.Thread(target=receive, args=("down", client, len(down)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results["up"] == (len(up), hashlib.sha256(up).hexdigest())
+    assert results["down"] == (len(down), hashlib.sha256(down).hexdigest())
+
+
+def test_64_mib_each_way_concurrently(setup):
+    client, server = setup.pair()
+    for s in (client, server):
+        s.settimeout(60)
+    up, down = os.urandom(64 << 20), os.urandom(64 << 20)
+    _pump_concurrently(client, server, up, down)
+    client.shutdown(socket.SHUT_WR)
+    assert outcome(server) == "eof"
+    server.close()
+    assert outcome(client) == "eof"
+    wait_for(lambda: setup.stats()[0] == 0)
+    assert setup.stats() == (0, 1, 64 << 20, 64 << 20)
+
+
+def test_keep_alive_small_messages_and_bulk_in_between(setup):
+    """Small request/replies (read/write mode), bulk bursts (splice), and back again."""
+    client, server = setup.pair()
+    rng = random.Random(7)
+    up = down = 0
+    for i in range(600):
+        if i % 100 == 50:  # a bulk burst both ways switches to splice
+            big = rng.randbytes(3 << 20)
+            _pump_concurrently(client, server, big, big[::-1])
+            up += len(big)
+            down += len(big)
+            continue
+        request = rng.randbytes(rng.randrange(1, 300))
+        client.sendall(request)
+        assert recv_exactly(server, len(request)) == request
+        reply = rng.randbytes(rng.randrange(1, 3000))
+        server.sendall(reply)
+        assert recv_exactly(client, len(reply)) == reply
+        up += len(request)
+        down += len(reply)
+    assert setup.stats() == (1, 1, up, down)
+
+
+def test_many_connections_at_once(setup):
+    pairs = [setup.pair() for _ in range(100)]
+    for i, (client, server) in enumerate(pairs):
+        client.sendall(b"%d" % i)
+    for i, (client, server) in enumerate(pairs):
+        assert recv_exactly(server, len(b"%d" % i)) == b"%d" % i
+        server.sendall(b"r%d" % i)
+    for i, (client, server) in enumerate(pairs):
+        assert recv_exactly(client, len(b"r%d" % i)) == b"r%d" % i
+    assert setup.stats()[:2] == (100, 100)
+
+
+def test_back_pressure_loses_nothing(setup):
+    """The server reads nothing for a while: the client blocks; then every byte arrives."""
+    client, server = setup.pair()
+    client.setblocking(False)
+    data = os.urandom(48 << 20)
+    sent = 0
+    stalled = time.monotonic()
+    while time.monotonic() - stalled < 0.5:
+        try:
+            sent += client.send(data[sent:sent + (1 << 20)])
+            stalled = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+        assert sent < len(data), "the sender never blocked"
+    assert setup.stats()[2] <= sent
+    client.setblocking(True)
+    client.settimeout(30)
+    sender = threading.Thread(target=client.sendall, args=(data[sent:],))
+    sender.start()
+    assert recv_exactly(server, len(data)) == data
+    sender.join()
+
+
+# --------------------------------------------------------------------------
+# half-close and resets
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_half_close_passes_on_and_the_other_way_still_flows(setup, who):
+    client, server = setup.pair()
+    a, b = (client, server) if who == "client" else (server, client)
+    a.sendall(b"request")
+    a.shutdown(socket.SHUT_WR)
+    assert recv_exactly(b, 7) == b"request"
+    assert outcome(b) == "eof"
+    for _ in range(3):  # the other direction keeps flowing
+        b.sendall(b"reply" * 1000)
+        assert recv_exactly(a, 5000) == b"reply" * 1000
+    b.sendall(os.urandom(2 << 20))  # bulk too, after the EOF
+    assert len(recv_exactly(a, 2 << 20)) == 2 << 20
+    b.shutdown(socket.SHUT_WR)
+    assert outcome(a) == "eof"
+    wait_for(lambda: setup.stats()[0] == 0, what="the relay closed after both EOFs")
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_a_reset_passes_on_as_a_reset(setup, who):
+    client, server = setup.pair()
+    a, b = (client, server) if who == "client" else (server, client)
+    a.sendall(b"ping")
+    assert recv_exactly(b, 4) == b"ping"
+    reset_close(a)
+    assert outcome(b) == "reset"
+    wait_for(lambda: setup.stats()[0] == 0)
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_a_reset_after_eof_passes_on(setup, who):
+    """a shuts, b sees EOF, then a resets while idle: b's socket is reset too."""
+    client, server = setup.pair()
+    a, b = (client, server) if who == "client" else (server, client)
+    a.shutdown(socket.SHUT_WR)
+    assert outcome(b) == "eof"
+    reset_close(a)
+    wait_for(lambda: setup.stats()[0] == 0, what="the relay reset")
+    poller = select.poll()
+    poller.register(b, select.POLLIN)
+    assert poller.poll(5000)[0][1] & select.POLLERR
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in RESETS
+
+
+def test_sending_to_a_closed_end_resets_the_sender(setup):
+    client, server = setup.pair()
+    server.close()
+    assert outcome(client) == "eof"
+    client.sendall(b"anyone there?")  # the server's kernel answers with a reset
+    wait_for(lambda: setup.stats()[0] == 0)
+    with pytest.raises(OSError) as exc:
+        for _ in range(100):
+            client.sendall(b"x")
+            time.sleep(0.01)
+    assert exc.value.errno in RESETS
+
+
+# --------------------------------------------------------------------------
+# handoffs and relay()
+
+
+def test_without_target_every_connection_is_handed_off_and_relay_takes_it_back(eng):
+    s = Setup(eng, target=False)
+    try:
+        clients = [socket.create_connection(s.addr, timeout=10) for _ in range(3)]
+        s.socks += clients
+        handed = wait_handoffs(eng, 3)
+        assert [(lid, err) for lid, _, err in handed] == [(s.lid, 0)] * 3
+        assert not select.select([eng.fileno()], [], [], 0)[0]  # reading them reset the eventfd
+        assert eng.handoffs() == []
+        assert s.stats() == (0, 3, 0, 0)
+        for _, fd, _ in handed:
+            tail = socket.create_connection(s.server.getsockname(), timeout=10)
+            tail.setblocking(False)
+            os.set_blocking(fd, False)
+            eng.relay(s.lid, fd, tail.detach())
+        assert s.stats()[:2] == (3, 3)
+        servers = []
+        for _ in clients:
+            conn, _ = s.server.accept()
+            conn.settimeout(10)
+            servers.append(conn)
+        s.socks += servers
+        for i, c in enumerate(clients):
+            c.sendall(b"hello %d" % i)
+        got = sorted(recv_exactly(conn, 7) for conn in servers)
+        assert got == [b"hello %d" % i for i in range(3)]
+        for conn in servers:
+            conn.sendall(b"back")
+        for c in clients:
+            assert recv_exactly(c, 4) == b"back"
+        assert s.stats() == (3, 3, 21, 12)
+    finally:
+        s.close()
+
+
+def test_a_refused_connect_is_handed_off_with_its_errno(eng):
+    s = Setup(eng, target=False)
+    try:
+        eng.set_target(s.lid, socket.AF_INET, LOCAL, free_port())
+        client = socket.create_connection(s.addr, timeout=10)
+        s.socks.append(client)
+        client.sendall(b"early")
+        [(lid, fd, err)] = wait_handoffs(eng)
+        assert (lid, err) == (s.lid, errno.ECONNREFUSED)
+        with socket.socket(fileno=fd) as handed:  # Python owns it: the client's bytes are there
+            handed.settimeout(5)
+            assert handed.recv(100) == b"early"
+        assert s.stats() == (0, 1, 0, 0)
+        eng.clear_target(s.lid)
+        s.socks.append(socket.create_connection(s.addr, timeout=10))
+        [(lid, fd, err)] = wait_handoffs(eng)
+        assert err == 0
+        os.close(fd)
+    finally:
+        s.close()
+
+
+def test_a_connect_that_hangs_is_handed_off_after_the_timeout(eng):
+    """A server whose accept queue is full drops SYNs: the connect times out (5 s)."""
+    s = Setup(eng, target=False)
+    full = listening(backlog=0)
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue (backlog 0 still takes one or two)
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(full.getsockname())
+            fillers.append(f)
+        time.sleep(0.2)
+        eng.set_target(s.lid, socket.AF_INET, LOCAL, full.getsockname()[1])
+        started = time.monotonic()
+        s.socks.append(socket.create_connection(s.addr, timeout=10))
+        [(lid, fd, err)] = wait_handoffs(eng, timeout=20)
+        os.close(fd)
+        assert err == errno.ETIMEDOUT
+        assert time.monotonic() - started >= _engine.CONNECT_TIMEOUT_MS / 1000 - 0.1
+    finally:
+        for f in fillers:
+            f.close()
+        full.close()
+        s.close()
+
+
+def test_target_in_the_current_namespace_by_fd(eng):
+    s = Setup(eng, target=False)
+    ns = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        eng.set_target(s.lid, socket.AF_INET, LOCAL, s.server.getsockname()[1], ns)
+        os.close(ns)  # the engine keeps its own dup (if it needs one)
+        ns = -1
+        for _ in range(40):  # more than a batch of spares
+            client, server = s.pair()
+            client.sendall(b"ns")
+            assert recv_exactly(server, 2) == b"ns"
+    finally:
+        if ns >= 0:
+            os.close(ns)
+        s.close()
+
+
+def test_unlisten_resets_live_connections_and_drops_pending_handoffs(eng):
+    s = Setup(eng)
+    port = s.addr[1]
+    live = [s.pair() for _ in range(5)]
+    for client, server in live:
+        client.sendall(b"x")
+        assert recv_exactly(server, 1) == b"x"
+    eng.clear_target(s.lid)
+    pending = socket.create_connection(s.addr, timeout=10)
+    s.socks.append(pending)
+    wait_for(lambda: select.select([eng.fileno()], [], [], 0)[0], what="a handoff")
+    eng.unlisten(s.lid)
+    for client, server in live:
+        assert outcome(client) == "reset"
+        assert outcome(server) == "reset"
+    assert outcome(pending) == "reset"  # handed off, not taken: reset with its lid
+    assert eng.handoffs() == []
+    with pytest.raises(ValueError):
+        eng.stats(s.lid)
+    with pytest.raises(ValueError):
+        eng.unlisten(s.lid)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOCAL, port), timeout=5).close()
+    s.close()
+
+
+def test_stats_count_open_and_total(setup):
+    pairs = [setup.pair() for _ in range(10)]
+    for client, server in pairs:
+        client.sendall(b"abc")
+        assert recv_exactly(server, 3) == b"abc"
+    assert setup.stats() == (10, 10, 30, 0)
+    for client, server in pairs[:4]:
+        client.close()
+        server.close()
+    wait_for(lambda: setup.stats()[0] == 6)
+    assert setup.stats() == (6, 10, 30, 0)
+
+
+def test_errors(eng):
+    with pytest.raises(ValueError):
+        eng.stats(12345)
+    with pytest.raises(ValueError):
+        eng.set_target(12345, socket.AF_INET, LOCAL, 80)
+    with pytest.raises(ValueError):
+        eng.relay(12345, 100, 101)
+    with socket.socket() as s:  # not listening
+        with pytest.raises(OSError) as exc:
+            eng.listen(s.fileno())
+        assert exc.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as exc:
+        eng.listen(9999)
+    assert exc.value.errno == errno.EBADF
+    s = Setup(eng, target=False)
+    try:
+        with pytest.raises(ValueError):
+            eng.set_target(s.lid, socket.AF_INET, "not an address", 80)
+        with pytest.raises(ValueError):
+            eng.set_target(s.lid, socket.AF_INET6, LOCAL, 80)
+        with pytest.raises(ValueError):
+            eng.set_target(s.lid, socket.AF_UNIX, LOCAL, 80)
+        with pytest.raises(ValueError):
+            eng.set_target(s.lid, socket.AF_INET, LOCAL, 0)
+    finally:
+        s.close()
+
+
+def engine_threads() -> int:
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
+            n += f.read().strip() == "wormhole-engine"
+    return n
+
+
+def test_close_joins_the_thread_and_is_idempotent():
+    before = engine_threads()
+    engine = _engine.Engine()
+    assert engine_threads() == before + 1
+    s = Setup(engine)
+    client, server = s.pair()
+    engine.close()
+    assert engine_threads() == before
+    assert outcome(client) == "reset"
+    engine.close()
+    with pytest.raises(ValueError):
+        engine.stats(s.lid)
+    with pytest.raises(ValueError):
+        engine.fileno()
+    for sock in s.socks:
+        sock.close()
+    s.server.close()
+    engine = _engine.Engine()  # dealloc closes it too
+    del engine
+    gc.collect()
+    assert engine_threads() == before
+
+
+@pytest.fixture
+def many_fds():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_idle_relayed_connection_holds_two_fds_and_no_pipe(setup, many_fds):
+    def pipes():
+        return sum(1 for link in describe(open_fds()).values() if link.startswith("pipe:"))
+
+    bulk = [setup.pair() for _ in range(2)]  # a bulk transfer fills the pipe pool...
+    for client, server in bulk:
+        _pump_concurrently(client, server, os.urandom(4 << 20), os.urandom(4 << 20))
+    time.sleep(0.1)
+    pooled = pipes()
+    assert pooled >= 2  # ...with the pipes the bulk directions took back
+    before = len(open_fds())
+    pairs = [setup.pair() for _ in range(500)]
+    for client, server in pairs:
+        client.sendall(b"hi")
+        assert recv_exactly(server, 2) == b"hi"
+        server.sendall(b"there")
+        assert recv_exactly(client, 5) == b"there"
+    wait_for(lambda: setup.stats()[0] == 502)
+    # the test's own two ends + the engine's two fds per connection; no pipe held
+    assert len(open_fds()) - before == 500 * 4
+    assert pipes() == pooled
+    for client, server in bulk:  # idle bulk connections hold none either
+        client.close()
+        server.close()
+    wait_for(lambda: setup.stats()[0] == 500)
+    assert pipes() == pooled
+
+
+# --------------------------------------------------------------------------
+# random orders of send / shutdown / close / reset on both ends
+
+
+class End:
+    def __init__(self, sock: socket.socket, name: str):
+        self.sock, self.name = sock, name
+        sock.setblocking(False)
+        self.alive = True  # not closed by the test
+        self.closed_normally = False
+        self.shut = False
+        self.outbox = bytearray()
+        self.got = bytearray()
+        self.eof = self.reset = False  # observed
+        self.want = bytearray()
+        self.want_eof = self.want_reset = False  # expected
+
+    def matches(self) -> bool:
+        return (not self.outbox and self.got == self.want and self.eof == self.want_eof
+                and self.reset == self.want_reset)
+
+    def state(self) -> str:
+        return (f"{self.name}: got {len(self.got)}/{len(self.want)} bytes, eof {self.eof}/{self.want_eof},"
+                f" reset {self.reset}/{self.want_reset}, outbox {len(self.outbox)}")
+
+    def service(self, ev: int) -> None:
+        if ev & (select.POLLIN | select.POLLERR | select.POLLHUP) and not (self.eof or self.reset):
+            try:
+                while data := self.sock.recv(1 << 20):
+                    self.got += data
+                self.eof = True
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                assert exc.errno in RESETS, exc
+                self.reset = True
+        elif ev & select.POLLERR:  # after EOF: only SO_ERROR tells of a reset
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            assert err in (0, *RESETS), err
+            self.reset = self.reset or bool(err)
+        if self.outbox and not self.reset:
+            try:
+                while self.outbox:
+                    n = self.sock.send(self.outbox[:1 << 20])
+                    del self.outbox[:n]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                assert exc.errno in RESETS, exc
+                self.reset = True
+                self.outbox.clear()
+
+
+def settle(ends: list[End], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(e.matches() for e in ends if e.alive):
+        assert time.monotonic() < deadline, "; ".join(e.state() for e in ends if e.alive)
+        poller = select.poll()
+        by_fd = {}
+        for e in ends:
+            if e.alive:
+                mask = (0 if e.eof or e.reset else select.POLLIN) | (select.POLLOUT if e.outbox else 0)
+                poller.register(e.sock, mask)
+                by_fd[e.sock.fileno()] = e
+        events = poller.poll(20)
+        for fd, ev in events:
+            by_fd[fd].service(ev)
+        if all(ev & select.POLLHUP for _, ev in events) and events:
+            time.sleep(0.002)  # hung-up sockets poll at once
+
+
+SIZES = [1, 100, 5000, 70_000, 400_000]
+ops = st.lists(st.tuples(st.sampled_from(["client", "server"]),
+                         st.sampled_from(["send", "send", "shut", "close", "rst"]),
+                         st.sampled_from(SIZES)), max_size=10)
+
+
+class Model:
+    """Both ends and what each should see, given what was done (settled after each step)."""
+
+    def __init__(self, client: socket.socket, server: socket.socket):
+        self.ends = {"client": End(client, "client"), "server": End(server, "server")}
+        self.relay_alive = True
+
+    def settle(self) -> None:
+        settle(list(self.ends.values()))
+
+    def apply(self, who: str, op: str, data: bytes = b"") -> None:
+        x = self.ends[who]
+        y = self.ends["server" if who == "client" else "client"]
+        if not x.alive or (op in ("send", "shut") and (x.shut or x.reset)):
+            return
+        self.settle()  # nothing unread: close sends a FIN, not a RST
+        if op == "send":
+            x.outbox += data
+            if y.alive:
+                y.want += data
+            elif self.relay_alive:  # y's kernel answers the bytes with a reset: the relay resets x
+                x.want_reset = True
+                self.relay_alive = False
+        elif op in ("shut", "close"):
+            if op == "close":
+                x.sock.close()
+                x.alive = False
+            else:
+                x.sock.shutdown(socket.SHUT_WR)
+            if not x.shut and not x.reset and self.relay_alive:
+                y.want_eof = True
+                if y.shut:
+                    self.relay_alive = False  # both EOFs passed: the relay closes
+            x.shut = True
+        else:  # rst
+            reset_close(x.sock)
+            x.alive = False
+            if self.relay_alive and not x.reset:
+                y.want_reset = True
+                self.relay_alive = False
+        self.settle()
+
+
+@settings(max_examples=int(os.environ.get("ENGINE_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops)
+def test_random_orders_of_send_shutdown_close_reset(script):
+    before = open_fds()
+    engine = _engine.Engine()
+    s = Setup(engine)
+    model = None
+    try:
+        client, server = s.pair()
+        s.socks.clear()  # the model owns them
+        client.sendall(b"?")  # connected: a reset now is the relay's, not the connect's (a handoff)
+        assert recv_exactly(server, 1) == b"?"
+        model = Model(client, server)
+        rng = random.Random(len(script))
+        for who, op, size in script:
+            model.apply(who, op, rng.randbytes(size) if op == "send" else b"")
+        for who in ("client", "server"):  # the end: close what is left
+            model.apply(who, "close")
+        wait_for(lambda: s.stats()[0] == 0, what="the relay closed")
+    finally:
+        if model is not None:
+            for e in model.ends.values():
+                e.sock.close()
+        s.close()
+        engine.close()
+    gc.collect()
+    leaked = open_fds() - before
+    assert not leaked, describe(leaked)

@@ -1,0 +1,1108 @@
+/*
+ * wormholed._engine: the per-connection TCP path in C.
+ *
+ * One Engine = one epoll set and one pthread that never holds the GIL. It
+ * accepts on listening sockets Python gives it, connects each client to its
+ * listener's target (in the target's network namespace), relays bytes both
+ * ways and closes. Python stays the control plane: it sends commands and
+ * takes back the connections the engine cannot finish (handoffs).
+ *
+ * Invariants
+ *
+ * Threads. Python-facing calls run with the GIL; the engine thread never
+ * touches a Python object. They share only: the command queue, the handoff
+ * queue and the listener table (all under mu), the listeners' counters
+ * (atomics, read by stats() under mu so that the listener cannot be freed
+ * meanwhile) and the eventfds. Everything else (connections, spares, the
+ * pipe pool, a listener's fd and target) belongs to the engine thread once
+ * its LISTEN command ran; before that and after its UNLISTEN command
+ * finished (or after the thread was joined) it belongs to Python.
+ *
+ * Commands. Python queues a command and writes wakefd; the engine runs the
+ * queue after each epoll batch, never in the middle of one, so an event of
+ * the batch never refers to a freed listener. listen, set_target,
+ * clear_target, unlisten and close wait for their command (on cv, GIL
+ * released); relay does not. Posting is in order: a relay posted before an
+ * unlisten runs before it. close() sets `closed` (under the GIL) before it
+ * posts STOP, so STOP is the last command ever posted.
+ *
+ * Memory. A listener is freed by Python only after its UNLISTEN command ran
+ * (or the thread was joined). A closed connection leaves every list and
+ * moves to `dead`, freed after the batch: later events of the same batch see
+ * `closed` and are ignored. Every socket leaves the epoll set (EPOLL_CTL_DEL)
+ * before close(), since a forked child may still share its file.
+ *
+ * Fds. Every fd the engine owns is in exactly one place: a listener (fd,
+ * netns, spares), a connection (fd[2], each half's pipe), the pipe pool,
+ * or the handoff queue; and it is closed once, when it leaves that place
+ * (close_conn, release_pipe, drop_spares, unlisten_l, teardown) or given to
+ * Python (handoffs()).
+ *
+ * A relayed connection holds 2 fds and ~200 bytes while idle: a direction
+ * copies through the thread's one read buffer, allocates only the part a
+ * write left over, and after a read that filled the buffer splices through
+ * a pipe of the pool until its source would block with the pipe empty; then
+ * the pipe goes back to the pool.
+ *
+ * Semantics are wormholed/proxy/tcp.py's: edge-triggered epoll registered
+ * once per socket; back-pressure by not reading a source while its bytes
+ * wait for the destination; EOF -> shutdown(SHUT_WR) of the other side, both
+ * EOFs -> close (FINs); ECONNRESET/EPIPE -> RST both (SO_LINGER 0); an idle
+ * socket reset after its EOF is noticed through EPOLLERR + SO_ERROR.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUF_SIZE 65536      /* the thread's read buffer; a read that fills it switches to splice */
+#define PIPE_SIZE (1 << 20) /* asked for with F_SETPIPE_SZ; the kernel may give less */
+#define ROUNDS 16           /* reads (pipe-fulls) per direction per wake-up */
+#define ACCEPT_BATCH 64
+#define POOL_MAX 128        /* idle empty pipes kept */
+#define SPARES 32           /* sockets made per trip into another namespace */
+#define CONNECT_MS 5000
+#define BACKOFF_MS 100
+#define MAX_EVENTS 256
+#define SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+#define SOCK_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+enum { TAG_LISTENER = 2, TAG_WAKE = 3 }; /* epoll data: pointer | tag; tags 0, 1: a connection's side */
+
+/* ---- intrusive doubly linked lists; next == NULL: in no list ---- */
+struct link { struct link *prev, *next; };
+#define OF(p, type, member) ((type *)((char *)(p) - offsetof(type, member)))
+static void l_init(struct link *h) { h->prev = h->next = h; }
+static int l_empty(const struct link *h) { return h->next == h; }
+static void l_add(struct link *h, struct link *n) {
+    n->prev = h->prev; n->next = h; h->prev->next = n; h->prev = n;
+}
+static void l_del(struct link *n) {
+    if (n->next) { n->prev->next = n->next; n->next->prev = n->prev; n->next = n->prev = NULL; }
+}
+
+struct listener {
+    struct link table;       /* Python's table of lids (mu) */
+    struct link active;      /* the engine's listeners */
+    int lid;
+    int fd, registered;      /* our dup of the listening socket; in the epoll set */
+    int has_target, family, netns; /* netns: our dup, -1: the engine's home */
+    socklen_t alen;
+    struct sockaddr_storage addr;
+    int spares[SPARES], nspares;
+    int64_t resume_at;       /* accepting paused (EMFILE...) until then */
+    struct link backoff;     /* in e->backoffs while paused */
+    struct link conns;
+    int64_t open, total, bytes_in, bytes_out; /* atomics */
+};
+
+struct half {                /* one direction: fd[dir] -> fd[!dir] */
+    int pr, pw;              /* a pipe of the pool while splicing, else -1 */
+    uint32_t pending, off;   /* bytes read, not yet written: in buf if any, else in the pipe */
+    char *buf;               /* what a partial write left over (read/write mode) */
+    uint8_t dir, done, nosplice, queued;
+    struct link ready;
+};
+
+struct conn {
+    int fd[2];               /* 0: client, 1: tail */
+    uint8_t reg[2], connecting, closed;
+    struct half h[2];
+    struct listener *l;
+    struct link node;        /* l->conns; e->dead once closed */
+    struct link timer;       /* e->connecting while the tail connects */
+    int64_t deadline;
+};
+
+enum { C_LISTEN, C_TARGET, C_CLEAR, C_RELAY, C_UNLISTEN, C_STOP };
+struct cmd {
+    struct cmd *next;
+    int op, sync, done, err;
+    struct listener *l;
+    int a, b, family;        /* relay: fds; target: netns fd */
+    socklen_t alen;
+    struct sockaddr_storage addr;
+};
+
+struct handoff { int lid, fd, err; };
+
+struct engine {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int ep, wakefd, handfd, home;
+    dev_t home_dev;
+    ino_t home_ino;
+    pthread_t thread;
+    int started;
+    /* under mu */
+    struct cmd *cmds, **cmds_tail;
+    struct handoff *hq;
+    size_t hn, hcap;
+    struct link table;
+    int next_lid;
+    /* engine thread */
+    int stop, away;          /* away: the thread is not in its home netns */
+    char *rbuf;
+    int pool[POOL_MAX][2], npool;
+    struct link active, ready, connecting, backoffs, dead;
+    struct cmd stop_cmd;
+};
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void count(int64_t *counter, int64_t n) { __atomic_fetch_add(counter, n, __ATOMIC_RELAXED); }
+
+static void abort_fd(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+static int sock_error(int fd) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
+    return err;
+}
+
+/* ---- the pipe pool ---- */
+
+static void take_pipe(struct engine *e, struct half *h) {
+    int p[2];
+    if (e->npool) {
+        e->npool--;
+        p[0] = e->pool[e->npool][0];
+        p[1] = e->pool[e->npool][1];
+    } else {
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) return; /* stay in read/write mode */
+        fcntl(p[1], F_SETPIPE_SZ, PIPE_SIZE);             /* above pipe-max-size: keep the default */
+    }
+    h->pr = p[0];
+    h->pw = p[1];
+}
+
+/* The half's pipe back to the pool if it is empty, else closed. */
+static void release_pipe(struct engine *e, struct half *h) {
+    if (h->pr < 0) return;
+    if ((h->buf || !h->pending) && e->npool < POOL_MAX) {
+        e->pool[e->npool][0] = h->pr;
+        e->pool[e->npool][1] = h->pw;
+        e->npool++;
+    } else {
+        close(h->pr);
+        close(h->pw);
+    }
+    h->pr = h->pw = -1;
+}
+
+static void drop_pool(struct engine *e) {
+    while (e->npool) {
+        e->npool--;
+        close(e->pool[e->npool][0]);
+        close(e->pool[e->npool][1]);
+    }
+}
+
+/* ---- handoffs to Python ---- */
+
+static void handoff(struct engine *e, struct listener *l, int fd, int err) {
+    count(&l->open, -1);
+    pthread_mutex_lock(&e->mu);
+    if (e->hn == e->hcap) {
+        size_t cap = e->hcap ? 2 * e->hcap : 64;
+        struct handoff *hq = realloc(e->hq, cap * sizeof *hq);
+        if (!hq) {
+            pthread_mutex_unlock(&e->mu);
+            abort_fd(fd);
+            return;
+        }
+        e->hq = hq;
+        e->hcap = cap;
+    }
+    e->hq[e->hn++] = (struct handoff){l->lid, fd, err};
+    if (e->hn == 1) {
+        uint64_t one = 1;
+        if (write(e->handfd, &one, sizeof one) < 0) { /* cannot overflow: reset by every drain */ }
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- connections ---- */
+
+static int watch(struct engine *e, struct conn *c, int side) {
+    struct epoll_event ev = {.events = SOCK_EVENTS, .data.u64 = (uintptr_t)c | (unsigned)side};
+    if (epoll_ctl(e->ep, EPOLL_CTL_ADD, c->fd[side], &ev) < 0) return -1;
+    c->reg[side] = 1;
+    return 0;
+}
+
+static void close_sock(struct engine *e, struct conn *c, int side, int reset) {
+    if (c->reg[side]) epoll_ctl(e->ep, EPOLL_CTL_DEL, c->fd[side], NULL);
+    if (reset) abort_fd(c->fd[side]);
+    else close(c->fd[side]);
+}
+
+/* Leave every list for e->dead; the halves' pipes and buffers go. */
+static void release(struct engine *e, struct conn *c) {
+    c->closed = 1;
+    l_del(&c->node);
+    l_del(&c->timer);
+    for (int d = 0; d < 2; d++) {
+        l_del(&c->h[d].ready);
+        release_pipe(e, &c->h[d]);
+        free(c->h[d].buf);
+        c->h[d].buf = NULL;
+    }
+    l_add(&e->dead, &c->node);
+}
+
+static void close_conn(struct engine *e, struct conn *c, int reset) {
+    close_sock(e, c, 0, reset);
+    close_sock(e, c, 1, reset);
+    count(&c->l->open, -1);
+    release(e, c);
+}
+
+static struct conn *new_conn(struct listener *l, int client, int tail) {
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->fd[0] = client;
+    c->fd[1] = tail;
+    c->l = l;
+    for (int d = 0; d < 2; d++) {
+        c->h[d].pr = c->h[d].pw = -1;
+        c->h[d].dir = (uint8_t)d;
+    }
+    l_add(&l->conns, &c->node);
+    return c;
+}
+
+static void failed(struct engine *e, struct conn *c, int err) {
+    close_conn(e, c, err == ECONNRESET || err == EPIPE);
+}
+
+static void eof(struct engine *e, struct conn *c, int d) {
+    c->h[d].done = 1;
+    release_pipe(e, &c->h[d]); /* empty: this direction is over */
+    if (c->h[!d].done) close_conn(e, c, 0); /* both read to EOF: FINs, not RSTs */
+    else shutdown(c->fd[!d], SHUT_WR);       /* an error here: the other half will tell */
+}
+
+static void queue(struct engine *e, struct half *h) {
+    if (!h->queued) {
+        h->queued = 1;
+        l_add(&e->ready, &h->ready);
+    }
+}
+
+/* splice() refused the pipe -> dst: move what the pipe holds into a buffer. */
+static int to_copy(struct half *h) {
+    char *buf = malloc(h->pending);
+    if (!buf) return ENOMEM;
+    for (uint32_t got = 0; got < h->pending;) {
+        ssize_t n = read(h->pr, buf + got, h->pending - got);
+        if (n <= 0) {
+            free(buf);
+            return n < 0 ? errno : EIO;
+        }
+        got += (uint32_t)n;
+    }
+    h->buf = buf;
+    h->off = 0;
+    h->nosplice = 1;
+    return 0;
+}
+
+/* Move bytes fd[d] -> fd[!d] until one of them would block (edge triggering), at most ROUNDS reads. */
+static void pump(struct engine *e, struct conn *c, int d) {
+    struct half *h = &c->h[d];
+    int src = c->fd[d], dst = c->fd[!d], err = 0, end = 0, rounds = ROUNDS;
+    int64_t moved = 0;
+    ssize_t n, m;
+    if (h->done) return;
+    for (;;) {
+        if (h->pending) {
+            if (h->buf) m = send(dst, h->buf + h->off, h->pending, MSG_NOSIGNAL);
+            else m = splice(h->pr, NULL, dst, NULL, h->pending, SPLICE_FLAGS);
+            if (m < 0) {
+                if (errno == EAGAIN) break; /* the writable edge resumes us */
+                if (errno == EINVAL && !h->buf) {
+                    if ((err = to_copy(h)) != 0) break;
+                    release_pipe(e, h);
+                    continue;
+                }
+                err = errno;
+                break;
+            }
+            moved += m;
+            h->pending -= (uint32_t)m;
+            if (h->buf) {
+                h->off += (uint32_t)m;
+                if (!h->pending) {
+                    free(h->buf);
+                    h->buf = NULL;
+                    h->off = 0;
+                }
+            }
+            continue;
+        }
+        if (rounds-- == 0) { /* let the other connections run; go on after this batch */
+            queue(e, h);
+            break;
+        }
+        if (h->pr >= 0) {
+            n = splice(src, NULL, h->pw, NULL, PIPE_SIZE, SPLICE_FLAGS);
+            if (n > 0) {
+                h->pending = (uint32_t)n;
+                continue;
+            }
+            if (n == 0) { end = 1; break; }
+            if (errno == EAGAIN) { /* idle and empty: the pipe goes back */
+                release_pipe(e, h);
+                break;
+            }
+            if (errno == EINVAL) { /* this source cannot splice */
+                release_pipe(e, h);
+                h->nosplice = 1;
+                continue;
+            }
+            err = errno;
+            break;
+        }
+        n = read(src, e->rbuf, BUF_SIZE);
+        if (n == 0) { end = 1; break; }
+        if (n < 0) {
+            if (errno != EAGAIN) err = errno;
+            break;
+        }
+        m = send(dst, e->rbuf, (size_t)n, MSG_NOSIGNAL);
+        if (m < 0) {
+            if (errno != EAGAIN) { err = errno; break; }
+            m = 0;
+        }
+        moved += m;
+        if (m < n) {
+            if (!(h->buf = malloc((size_t)(n - m)))) { err = ENOMEM; break; }
+            memcpy(h->buf, e->rbuf + m, (size_t)(n - m));
+            h->pending = (uint32_t)(n - m);
+            h->off = 0;
+        }
+        if (n == BUF_SIZE && !h->nosplice) take_pipe(e, h); /* a bulk transfer: splice from now on */
+    }
+    if (moved) count(d ? &c->l->bytes_out : &c->l->bytes_in, moved);
+    if (err) failed(e, c, err);
+    else if (end) eof(e, c, d);
+}
+
+static void connected(struct engine *e, struct conn *c) {
+    c->connecting = 0;
+    l_del(&c->timer);
+    /* Registering reports the current state as edges: the client's early bytes. */
+    if ((!c->reg[1] && watch(e, c, 1) < 0) || watch(e, c, 0) < 0) close_conn(e, c, 1);
+}
+
+/* The connect failed: the client goes to Python with the errno. */
+static void connect_failed(struct engine *e, struct conn *c, int err) {
+    close_sock(e, c, 1, 0);
+    handoff(e, c->l, c->fd[0], err);
+    release(e, c);
+}
+
+static void on_conn(struct engine *e, struct conn *c, int s, uint32_t ev) {
+    struct half *in = &c->h[s], *out = &c->h[!s]; /* in reads fd[s]; out writes it */
+    if (c->closed) return;
+    if (c->connecting) { /* only the tail is registered */
+        if (!(ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
+        int err = sock_error(c->fd[1]);
+        if (err) return connect_failed(e, c, err);
+        connected(e, c);
+        if (c->closed) return;
+    }
+    if (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP) && out->pending) {
+        pump(e, c, !s);
+        if (c->closed) return;
+    }
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP) && !in->done && !in->pending) {
+        pump(e, c, s);
+        if (c->closed) return;
+    }
+    if (ev & EPOLLERR && in->done && !out->pending) { /* an idle socket reset after its EOF */
+        int err = sock_error(c->fd[s]);
+        if (err) failed(e, c, err);
+    }
+}
+
+/* ---- listeners ---- */
+
+static int new_sock(int family) {
+    int one = 1, fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd >= 0) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    return fd;
+}
+
+static void drop_spares(struct listener *l) {
+    while (l->nspares) close(l->spares[--l->nspares]);
+}
+
+/* A tail socket in the target's namespace, or -errno. Only this thread ever calls setns. */
+static int tail_socket(struct engine *e, struct listener *l) {
+    if (l->netns < 0 && !e->away) {
+        int fd = new_sock(l->family);
+        return fd < 0 ? -errno : fd;
+    }
+    if (!l->nspares) {
+        int err = 0;
+        if (setns(l->netns >= 0 ? l->netns : e->home, CLONE_NEWNET) < 0) return -errno;
+        e->away = l->netns >= 0;
+        while (l->nspares < SPARES) {
+            int fd = new_sock(l->family);
+            if (fd < 0) { err = errno; break; }
+            l->spares[l->nspares++] = fd;
+        }
+        if (e->away) e->away = setns(e->home, CLONE_NEWNET) < 0; /* else: retried next time */
+        if (!l->nspares) return -err;
+    }
+    return l->spares[--l->nspares];
+}
+
+static void dial(struct engine *e, struct listener *l, int client) {
+    int tail = tail_socket(e, l);
+    if (tail < 0) return handoff(e, l, client, -tail);
+    struct conn *c = new_conn(l, client, tail);
+    if (!c) {
+        close(tail);
+        return handoff(e, l, client, ENOMEM);
+    }
+    /* Bytes the client sends meanwhile wait in the kernel. */
+    if (connect(tail, (struct sockaddr *)&l->addr, l->alen) == 0) return connected(e, c);
+    if (errno != EINPROGRESS) return connect_failed(e, c, errno);
+    if (watch(e, c, 1) < 0) return connect_failed(e, c, errno);
+    c->connecting = 1;
+    c->deadline = now_ms() + CONNECT_MS;
+    l_add(&e->connecting, &c->timer); /* one timeout for all: the list is sorted */
+}
+
+static int listener_on(struct engine *e, struct listener *l) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uintptr_t)l | TAG_LISTENER};
+    if (epoll_ctl(e->ep, EPOLL_CTL_ADD, l->fd, &ev) < 0) return errno;
+    l->registered = 1;
+    return 0;
+}
+
+static void listener_off(struct engine *e, struct listener *l) {
+    if (l->registered) epoll_ctl(e->ep, EPOLL_CTL_DEL, l->fd, NULL);
+    l->registered = 0;
+}
+
+static int accept_ignored(int err) { /* errors that concern only the connection being accepted */
+    switch (err) {
+    case EPERM: case ECONNABORTED: case EPROTO: case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN:
+    case ENONET: case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH: case EINTR:
+        return 1;
+    }
+    return 0;
+}
+
+static void accept_some(struct engine *e, struct listener *l) {
+    for (int i = 0; i < ACCEPT_BATCH && l->registered; i++) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EAGAIN) return;
+            if (accept_ignored(errno)) continue;
+            listener_off(e, l); /* level-triggered: it must leave the set while paused */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                drop_pool(e); /* idle pipes hold fds */
+                l->resume_at = now_ms() + BACKOFF_MS;
+                l_add(&e->backoffs, &l->backoff);
+            } /* else: no longer accepting, as TcpProxy */
+            return;
+        }
+        count(&l->total, 1);
+        count(&l->open, 1);
+        if (l->has_target) dial(e, l, fd);
+        else handoff(e, l, fd, 0);
+    }
+}
+
+static void unlisten_l(struct engine *e, struct listener *l) {
+    listener_off(e, l);
+    if (l->fd >= 0) close(l->fd);
+    l->fd = -1;
+    l_del(&l->backoff);
+    l_del(&l->active);
+    while (!l_empty(&l->conns)) close_conn(e, OF(l->conns.next, struct conn, node), 1);
+    drop_spares(l);
+    if (l->netns >= 0) close(l->netns);
+    l->netns = -1;
+    pthread_mutex_lock(&e->mu); /* its handoffs Python has not taken yet */
+    size_t kept = 0;
+    for (size_t i = 0; i < e->hn; i++) {
+        if (e->hq[i].lid == l->lid) abort_fd(e->hq[i].fd);
+        else e->hq[kept++] = e->hq[i];
+    }
+    e->hn = kept;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- the engine thread ---- */
+
+static void run_command(struct engine *e, struct cmd *c) {
+    struct listener *l = c->l;
+    struct conn *conn;
+    int one = 1;
+    switch (c->op) {
+    case C_LISTEN:
+        if ((c->err = listener_on(e, l)) == 0) l_add(&e->active, &l->active);
+        break;
+    case C_TARGET:
+    case C_CLEAR:
+        drop_spares(l);
+        if (l->netns >= 0) close(l->netns);
+        l->netns = c->op == C_TARGET ? c->a : -1;
+        l->has_target = c->op == C_TARGET;
+        l->family = c->family;
+        l->alen = c->alen;
+        l->addr = c->addr;
+        break;
+    case C_RELAY:
+        if (!(conn = new_conn(l, c->a, c->b))) {
+            abort_fd(c->a);
+            abort_fd(c->b);
+            count(&l->open, -1);
+            break;
+        }
+        setsockopt(c->b, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (watch(e, conn, 0) < 0 || watch(e, conn, 1) < 0) close_conn(e, conn, 1);
+        break;
+    case C_UNLISTEN:
+        unlisten_l(e, l);
+        break;
+    case C_STOP:
+        while (!l_empty(&e->active)) unlisten_l(e, OF(e->active.next, struct listener, active));
+        e->stop = 1;
+        break;
+    }
+}
+
+static void run_commands(struct engine *e) {
+    uint64_t v;
+    if (read(e->wakefd, &v, sizeof v) < 0) { /* EAGAIN: a wake-up already consumed */ }
+    pthread_mutex_lock(&e->mu);
+    struct cmd *c = e->cmds;
+    e->cmds = NULL;
+    e->cmds_tail = &e->cmds;
+    pthread_mutex_unlock(&e->mu);
+    while (c) {
+        struct cmd *next = c->next;
+        run_command(e, c);
+        if (c->sync) { /* the caller frees it once done is set: do not touch it after */
+            pthread_mutex_lock(&e->mu);
+            c->done = 1;
+            pthread_cond_broadcast(&e->cv);
+            pthread_mutex_unlock(&e->mu);
+        } else {
+            free(c);
+        }
+        c = next;
+    }
+}
+
+static int next_timeout(struct engine *e) {
+    if (!l_empty(&e->ready)) return 0;
+    int64_t at = INT64_MAX;
+    if (!l_empty(&e->connecting)) at = OF(e->connecting.next, struct conn, timer)->deadline;
+    if (!l_empty(&e->backoffs)) {
+        int64_t b = OF(e->backoffs.next, struct listener, backoff)->resume_at;
+        if (b < at) at = b;
+    }
+    if (at == INT64_MAX) return -1;
+    int64_t wait = at - now_ms();
+    return wait < 0 ? 0 : wait > 60000 ? 60000 : (int)wait + 1;
+}
+
+static void expire(struct engine *e) {
+    if (l_empty(&e->connecting) && l_empty(&e->backoffs)) return;
+    int64_t now = now_ms();
+    while (!l_empty(&e->connecting)) {
+        struct conn *c = OF(e->connecting.next, struct conn, timer);
+        if (c->deadline > now) break;
+        connect_failed(e, c, ETIMEDOUT);
+    }
+    while (!l_empty(&e->backoffs)) {
+        struct listener *l = OF(e->backoffs.next, struct listener, backoff);
+        if (l->resume_at > now) break;
+        l_del(&l->backoff);
+        if (listener_on(e, l) != 0) { /* try again later */
+            l->resume_at = now + BACKOFF_MS;
+            l_add(&e->backoffs, &l->backoff);
+        }
+    }
+}
+
+static void *run(void *arg) {
+    struct engine *e = arg;
+    struct epoll_event evs[MAX_EVENTS];
+    struct link batch;
+    while (!e->stop) {
+        int n = epoll_wait(e->ep, evs, MAX_EVENTS, next_timeout(e)), commands = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t u = evs[i].data.u64;
+            void *p = (void *)(uintptr_t)(u & ~(uint64_t)3);
+            switch (u & 3) {
+            case TAG_WAKE: commands = 1; break;
+            case TAG_LISTENER: accept_some(e, p); break;
+            default: on_conn(e, p, (int)(u & 1), evs[i].events);
+            }
+        }
+        /* Directions that used up their rounds; those they requeue wait for the next batch. */
+        if (!l_empty(&e->ready)) {
+            batch = e->ready;
+            batch.next->prev = batch.prev->next = &batch;
+            l_init(&e->ready);
+            while (!l_empty(&batch)) {
+                struct half *h = OF(batch.next, struct half, ready);
+                struct conn *c = h->dir ? OF(h, struct conn, h[1]) : OF(h, struct conn, h[0]);
+                l_del(&h->ready);
+                h->queued = 0;
+                pump(e, c, h->dir);
+            }
+        }
+        expire(e);
+        if (commands) run_commands(e);
+        while (!l_empty(&e->dead)) {
+            struct link *d = e->dead.next;
+            l_del(d);
+            free(OF(d, struct conn, node));
+        }
+    }
+    return NULL;
+}
+
+/* ---- Python ---- */
+
+typedef struct {
+    PyObject_HEAD
+    struct engine *e;
+    int closed;
+} EngineObject;
+
+static PyObject *os_error(int err) {
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+static int check_open(EngineObject *self) {
+    if (self->closed) PyErr_SetString(PyExc_ValueError, "the engine is closed");
+    return !self->closed;
+}
+
+static struct listener *find(struct engine *e, int lid) { /* under mu */
+    for (struct link *n = e->table.next; n != &e->table; n = n->next)
+        if (OF(n, struct listener, table)->lid == lid) return OF(n, struct listener, table);
+    return NULL;
+}
+
+static void post(struct engine *e, struct cmd *c) { /* under mu */
+    uint64_t one = 1;
+    c->next = NULL;
+    *e->cmds_tail = c;
+    e->cmds_tail = &c->next;
+    if (write(e->wakefd, &one, sizeof one) < 0) { /* cannot overflow: the engine reads it */ }
+}
+
+/* Wait for a sync command posted by the caller. */
+static int wait_done(struct engine *e, struct cmd *c) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&e->mu);
+    while (!c->done) pthread_cond_wait(&e->cv, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    Py_END_ALLOW_THREADS
+    return c->err;
+}
+
+/* Look lid up and post c for it (sync: wait); -1 with ValueError if there is no such lid. */
+static int command(EngineObject *self, int lid, struct cmd *c, int drop) {
+    struct engine *e = self->e;
+    int sync = c->sync; /* once posted, an async command is the engine's to free */
+    pthread_mutex_lock(&e->mu);
+    struct listener *l = c->l = find(e, lid);
+    if (l) {
+        if (drop) l_del(&l->table);
+        post(e, c);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (!l) {
+        PyErr_Format(PyExc_ValueError, "no listener %d", lid);
+        return -1;
+    }
+    return sync ? wait_done(e, c) : 0;
+}
+
+static void teardown(struct engine *e) { /* the thread is not running */
+    if (e->ep >= 0) close(e->ep);
+    if (e->wakefd >= 0) close(e->wakefd);
+    if (e->handfd >= 0) close(e->handfd);
+    if (e->home >= 0) close(e->home);
+    e->ep = e->wakefd = e->handfd = e->home = -1;
+    drop_pool(e);
+    for (size_t i = 0; i < e->hn; i++) abort_fd(e->hq[i].fd);
+    free(e->hq);
+    e->hq = NULL;
+    e->hn = e->hcap = 0;
+    free(e->rbuf);
+    e->rbuf = NULL;
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    struct engine *e = self->e;
+    struct link gone;
+    if (self->closed || !e) Py_RETURN_NONE;
+    self->closed = 1;
+    l_init(&gone);
+    if (e->started) {
+        pthread_mutex_lock(&e->mu);
+        while (!l_empty(&e->table)) { /* STOP unlistens them; freed once the thread is gone */
+            struct link *n = e->table.next;
+            l_del(n);
+            l_add(&gone, n);
+        }
+        e->stop_cmd.op = C_STOP;
+        post(e, &e->stop_cmd);
+        pthread_mutex_unlock(&e->mu);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(e->thread, NULL);
+        Py_END_ALLOW_THREADS
+        e->started = 0;
+    }
+    while (!l_empty(&gone)) {
+        struct link *n = gone.next;
+        l_del(n);
+        free(OF(n, struct listener, table));
+    }
+    teardown(e);
+    Py_RETURN_NONE;
+}
+
+static void Engine_dealloc(EngineObject *self) {
+    if (self->e) {
+        Engine_close(self, NULL);
+        pthread_mutex_destroy(&self->e->mu);
+        pthread_cond_destroy(&self->e->cv);
+        free(self->e);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {NULL};
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_WAKE};
+    struct stat st;
+    sigset_t all, old;
+    int err;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, ":Engine", kwlist)) return NULL;
+    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    struct engine *e = self->e = calloc(1, sizeof *e);
+    if (!e) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    e->cmds_tail = &e->cmds;
+    e->next_lid = 0;
+    l_init(&e->table);
+    l_init(&e->active);
+    l_init(&e->ready);
+    l_init(&e->connecting);
+    l_init(&e->backoffs);
+    l_init(&e->dead);
+    e->stop_cmd.sync = 1; /* embedded: never freed; nobody waits for it (join does) */
+    e->ep = epoll_create1(EPOLL_CLOEXEC);
+    e->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->handfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    /* The thread inherits this thread's namespace: its home, to come back to after setns. */
+    e->home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (e->ep < 0 || e->wakefd < 0 || e->handfd < 0 || e->home < 0 || fstat(e->home, &st) < 0 ||
+        epoll_ctl(e->ep, EPOLL_CTL_ADD, e->wakefd, &ev) < 0) {
+        err = errno;
+        goto fail;
+    }
+    e->home_dev = st.st_dev;
+    e->home_ino = st.st_ino;
+    if (!(e->rbuf = malloc(BUF_SIZE))) {
+        err = ENOMEM;
+        goto fail;
+    }
+    sigfillset(&all); /* signals are for Python's threads */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    err = pthread_create(&e->thread, NULL, run, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) goto fail;
+    e->started = 1;
+    pthread_setname_np(e->thread, "wormhole-engine");
+    return (PyObject *)self;
+fail:
+    Py_DECREF(self); /* dealloc: teardown */
+    return os_error(err);
+}
+
+static PyObject *Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!check_open(self)) return NULL;
+    return PyLong_FromLong(self->e->handfd);
+}
+
+static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
+    struct engine *e = self->e;
+    struct cmd c = {.op = C_LISTEN, .sync = 1};
+    int fd, on = 0, flags;
+    socklen_t len = sizeof on;
+    if (!PyArg_ParseTuple(args, "i:listen", &fd) || !check_open(self)) return NULL;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) < 0) return os_error(errno);
+    if (!on) return os_error(EINVAL);
+    if ((flags = fcntl(fd, F_GETFL)) < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0))
+        return os_error(errno);
+    struct listener *l = calloc(1, sizeof *l);
+    if (!l) return PyErr_NoMemory();
+    if ((l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+        free(l);
+        return os_error(errno);
+    }
+    l->netns = -1;
+    l_init(&l->conns);
+    pthread_mutex_lock(&e->mu);
+    l->lid = ++e->next_lid;
+    l_add(&e->table, &l->table);
+    int lid = l->lid;
+    pthread_mutex_unlock(&e->mu);
+    if (command(self, lid, &c, 0) != 0) {
+        pthread_mutex_lock(&e->mu);
+        l_del(&l->table);
+        pthread_mutex_unlock(&e->mu);
+        close(l->fd);
+        free(l);
+        return os_error(c.err);
+    }
+    return PyLong_FromLong(lid);
+}
+
+static PyObject *Engine_set_target(EngineObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"lid", "family", "host", "port", "netns_fd", NULL};
+    struct cmd c = {.op = C_TARGET, .sync = 1, .a = -1};
+    int lid, family, port, netns = -1;
+    const char *host;
+    struct stat st;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iisi|i:set_target", kwlist, &lid, &family, &host, &port,
+                                     &netns) || !check_open(self))
+        return NULL;
+    if (port < 1 || port > 65535) return PyErr_Format(PyExc_ValueError, "bad port %d", port);
+    c.family = family;
+    if (family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&c.addr;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        c.alen = sizeof *sin;
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            return PyErr_Format(PyExc_ValueError, "not an IPv4 address: %s", host);
+    } else if (family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&c.addr;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        c.alen = sizeof *sin6;
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            return PyErr_Format(PyExc_ValueError, "not an IPv6 address: %s", host);
+    } else {
+        return PyErr_Format(PyExc_ValueError, "family must be AF_INET or AF_INET6, not %d", family);
+    }
+    if (netns >= 0) {
+        if (fstat(netns, &st) < 0) return os_error(errno);
+        /* the engine's own namespace needs no setns (nor the privilege for it) */
+        if ((st.st_dev != self->e->home_dev || st.st_ino != self->e->home_ino) &&
+            (c.a = fcntl(netns, F_DUPFD_CLOEXEC, 0)) < 0)
+            return os_error(errno);
+    }
+    if (command(self, lid, &c, 0) < 0) {
+        if (c.a >= 0) close(c.a);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_clear_target(EngineObject *self, PyObject *args) {
+    struct cmd c = {.op = C_CLEAR, .sync = 1, .a = -1};
+    int lid;
+    if (!PyArg_ParseTuple(args, "i:clear_target", &lid) || !check_open(self)) return NULL;
+    if (command(self, lid, &c, 0) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_relay(EngineObject *self, PyObject *args) {
+    int lid, client, tail;
+    if (!PyArg_ParseTuple(args, "iii:relay", &lid, &client, &tail) || !check_open(self)) return NULL;
+    if (client < 0 || tail < 0 || client == tail) return PyErr_Format(PyExc_ValueError, "bad fds");
+    struct cmd *c = calloc(1, sizeof *c);
+    if (!c) return PyErr_NoMemory();
+    c->op = C_RELAY;
+    c->a = client;
+    c->b = tail;
+    struct engine *e = self->e;
+    pthread_mutex_lock(&e->mu); /* counted before the engine runs it: stats() right after sees it */
+    struct listener *l = find(e, lid);
+    if (l) count(&l->open, 1);
+    pthread_mutex_unlock(&e->mu);
+    if (command(self, lid, c, 0) < 0) {
+        free(c);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_handoffs(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    struct engine *e = self->e;
+    uint64_t v;
+    if (!check_open(self)) return NULL;
+    pthread_mutex_lock(&e->mu);
+    struct handoff *hq = e->hq;
+    size_t n = e->hn;
+    if (n) {
+        e->hq = NULL;
+        e->hn = e->hcap = 0;
+    }
+    if (read(e->handfd, &v, sizeof v) < 0) { /* EAGAIN: nothing was signalled */ }
+    pthread_mutex_unlock(&e->mu);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; list && i < n; i++) {
+        PyObject *t = Py_BuildValue("(iii)", hq[i].lid, hq[i].fd, hq[i].err);
+        if (!t) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    if (!list) /* the fds would be lost: reset them */
+        for (size_t i = 0; i < n; i++) abort_fd(hq[i].fd);
+    if (n) free(hq);
+    return list;
+}
+
+static PyObject *Engine_stats(EngineObject *self, PyObject *args) {
+    struct engine *e = self->e;
+    int64_t s[4];
+    int lid;
+    if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self)) return NULL;
+    pthread_mutex_lock(&e->mu);
+    struct listener *l = find(e, lid);
+    if (l) {
+        s[0] = __atomic_load_n(&l->open, __ATOMIC_RELAXED);
+        s[1] = __atomic_load_n(&l->total, __ATOMIC_RELAXED);
+        s[2] = __atomic_load_n(&l->bytes_in, __ATOMIC_RELAXED);
+        s[3] = __atomic_load_n(&l->bytes_out, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (!l) return PyErr_Format(PyExc_ValueError, "no listener %d", lid);
+    return Py_BuildValue("(LLLL)", (long long)s[0], (long long)s[1], (long long)s[2], (long long)s[3]);
+}
+
+static PyObject *Engine_unlisten(EngineObject *self, PyObject *args) {
+    struct cmd c = {.op = C_UNLISTEN, .sync = 1};
+    int lid;
+    if (!PyArg_ParseTuple(args, "i:unlisten", &lid) || !check_open(self)) return NULL;
+    if (command(self, lid, &c, 1) < 0) return NULL;
+    free(c.l); /* done: the engine no longer knows it */
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
+     "fileno() -> int: an eventfd, readable while handoffs() has entries."},
+    {"listen", (PyCFunction)Engine_listen, METH_VARARGS,
+     "listen(fd) -> lid: accept on this listening TCP socket (the engine dup()s it)."},
+    {"set_target", (PyCFunction)(void (*)(void))Engine_set_target, METH_VARARGS | METH_KEYWORDS,
+     "set_target(lid, family, host, port, netns_fd=-1): connect accepted clients to host:port."},
+    {"clear_target", (PyCFunction)Engine_clear_target, METH_VARARGS,
+     "clear_target(lid): hand every accepted connection off again."},
+    {"relay", (PyCFunction)Engine_relay, METH_VARARGS,
+     "relay(lid, client_fd, tail_fd): relay a connected pair; the engine owns both fds on success."},
+    {"handoffs", (PyCFunction)Engine_handoffs, METH_NOARGS,
+     "handoffs() -> [(lid, client_fd, err)]: connections for Python (err 0: no target; else the errno)."},
+    {"stats", (PyCFunction)Engine_stats, METH_VARARGS,
+     "stats(lid) -> (open, total, bytes_in, bytes_out)."},
+    {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS,
+     "unlisten(lid): stop accepting, reset lid's connections, forget lid; returns once done."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS,
+     "close(): unlisten all, stop and join the thread, close everything; idempotent."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wormholed._engine.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Engine(): an epoll set and a thread that accept, connect and relay TCP connections.",
+    .tp_methods = Engine_methods,
+    .tp_new = Engine_new,
+};
+
+PyDoc_STRVAR(module_doc,
+"The per-connection TCP path in C: accept, connect, relay, close, on a thread of its own.\n"
+"\n"
+"    eng = Engine()            # an epoll set, two eventfds, a thread (no GIL held)\n"
+"    eng.fileno() -> int       # eventfd: readable while handoffs() has entries\n"
+"    lid = eng.listen(fd)      # accept on this listening TCP socket (dup()ed; made non-blocking);\n"
+"                              # until set_target, every accepted connection is handed off\n"
+"    eng.set_target(lid, family, host, port, netns_fd=-1)\n"
+"                              # connect accepted clients to host:port (a numeric literal of family\n"
+"                              # AF_INET/AF_INET6), the tail socket made in netns_fd (dup()ed;\n"
+"                              # -1: the engine's own namespace); applied when it returns\n"
+"    eng.clear_target(lid)     # back to handing every connection off\n"
+"    eng.relay(lid, client_fd, tail_fd)\n"
+"                              # relay a connected pair; on success the engine owns both fds (detach()\n"
+"                              # the sockets), on an exception Python still does. Counted in\n"
+"                              # stats(lid) as open (not in total: it was counted when accepted)\n"
+"    eng.handoffs() -> [(lid, client_fd, err)]\n"
+"                              # drains the queue and resets fileno(); Python owns client_fd.\n"
+"                              # err 0: no target; else the errno of the engine's connect\n"
+"                              # (ECONNREFUSED, ETIMEDOUT after 5 s, ...)\n"
+"    eng.stats(lid) -> (open, total, bytes_in, bytes_out)  # bytes_in: client -> tail\n"
+"    eng.unlisten(lid)         # stop accepting, reset lid's connections (and its handoffs not\n"
+"                              # taken yet), forget lid; returns once done\n"
+"    eng.close()               # unlisten all, join the thread, close everything; idempotent\n"
+"\n"
+"Relay semantics are wormholed.proxy.tcp's: back-pressure, half-close passed on as\n"
+"shutdown(SHUT_WR), resets passed on as resets. Errors: OSError for system calls,\n"
+"ValueError for an unknown lid or a closed engine.");
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, "wormholed._engine", module_doc, -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "CONNECT_TIMEOUT_MS", CONNECT_MS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
