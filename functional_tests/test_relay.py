@@ -2,6 +2,12 @@
 
 Each test runs its own uvloop event loop; an autouse fixture checks that the
 test left no fd open (sockets, pipes, epoll) once its loop is closed.
+
+The TCP tests run against both engines (`mode`): the pure-Python relay
+(tcp.TcpProxy, dialling through its own epoll set or through the loop's
+add_writer) and the native one (native.NativeTcpProxy over wormholed._engine,
+which connects to the target itself and hands connections it cannot finish
+back to Python's dial()).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import uvloop
 
 from wormholed import netns as netns_mod
 from wormholed.netns import Netns, NetnsError, make_socket
+from wormholed.proxy.native import EngineHub, NativeTcpProxy
 from wormholed.proxy.tcp import Stats, TcpProxy, dial
 from wormholed.proxy.udp import UdpProxy, dial_udp
 
@@ -104,27 +111,45 @@ class Server:
         await self.server.wait_closed()
 
 
+MODES = ["finish_connect", "add_writer", "native"]  # python relay (two ways to dial), native engine
+ENGINES = ["finish_connect", "native"]
+
+
 class Proxy:
-    """A TcpProxy on 127.0.0.1:0 (or a given listening socket) dialling ``port``."""
+    """A TcpProxy (or, mode native, a NativeTcpProxy targeting ``port``) on 127.0.0.1:0 (or a given
+    listening socket) dialling ``port``."""
 
     def __init__(self, port: int, *, connect=None, sock: socket.socket | None = None, timeout=5.0,
-                 fast=True):
-        # fast: dial through the proxy's own epoll (wait=proxy.finish_connect)
+                 mode="finish_connect", target: tuple | None = None):
+        # finish_connect: dial through the proxy's own epoll (wait=proxy.finish_connect)
+        fast = mode == "finish_connect"
         self.connect = connect or (lambda: dial(None, LOCAL, port, timeout=timeout,
                                                 wait=self.proxy.finish_connect if fast else None))
+        self.mode = mode
+        self.target = target if target is not None else (None, LOCAL, port) if connect is None else None
         self.sock = sock
+        self.hub = None
 
     async def __aenter__(self):
         if self.sock is None:
             self.sock = await make_socket(None, socket.AF_INET, socket.SOCK_STREAM,
                                           bind=(LOCAL, 0), listen=128)
         self.port = self.sock.getsockname()[1]
-        self.proxy = TcpProxy(self.sock, self.connect)
-        self.proxy.start()
+        if self.mode == "native":
+            self.hub = EngineHub()
+            self.proxy = NativeTcpProxy(self.sock, self.connect, hub=self.hub)
+            self.proxy.start()
+            if self.target is not None:
+                self.proxy.set_target(*self.target)
+        else:
+            self.proxy = TcpProxy(self.sock, self.connect)
+            self.proxy.start()
         return self.proxy
 
     async def __aexit__(self, *exc):
         await self.proxy.aclose()
+        if self.hub is not None:
+            self.hub.close()
 
 
 async def connect(port: int):
@@ -158,15 +183,15 @@ async def read_outcome(reader: asyncio.StreamReader) -> str:
 # TCP
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["finish_connect", "add_writer"])
+@pytest.mark.parametrize("mode", MODES)
 @uvloop_test
-async def test_one_mebibyte_is_echoed_intact(fast):
-    await echo_one_mebibyte(fast)
+async def test_one_mebibyte_is_echoed_intact(mode):
+    await echo_one_mebibyte(mode)
 
 
-async def echo_one_mebibyte(fast=True):
+async def echo_one_mebibyte(mode="finish_connect"):
     data = os.urandom(1 << 20)
-    async with Server() as server, Proxy(server.port, fast=fast) as proxy:
+    async with Server() as server, Proxy(server.port, mode=mode) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         receiving = asyncio.create_task(reader.readexactly(len(data)))
         writer.write(data)
@@ -204,15 +229,16 @@ def test_copy_mode_when_splice_refuses_the_fds(monkeypatch, refused):
     uvloop_test(echo_one_mebibyte)()
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_half_close_passes_on_and_the_reply_still_flows():
+async def test_half_close_passes_on_and_the_reply_still_flows(mode):
     async def reply_after_eof(reader, writer):
         request = await reader.read()  # everything until the client's EOF
         writer.write(b"got %d bytes: " % len(request) + request.upper())
         await writer.drain()
         writer.close()
 
-    async with Server(reply_after_eof) as server, Proxy(server.port) as proxy:
+    async with Server(reply_after_eof) as server, Proxy(server.port, mode=mode) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         writer.write(b"hello")
         writer.write_eof()
@@ -220,15 +246,16 @@ async def test_half_close_passes_on_and_the_reply_still_flows():
         await closed(writer)
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_a_reset_by_the_server_reaches_the_client_as_a_reset():
+async def test_a_reset_by_the_server_reaches_the_client_as_a_reset(mode):
     async def abort(reader, writer):
         await reader.readexactly(4)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         writer.transport.abort()
 
-    async with Server(abort) as server, Proxy(server.port) as proxy:
+    async with Server(abort) as server, Proxy(server.port, mode=mode) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         writer.write(b"ping")
         assert await read_outcome(reader) == "reset"
@@ -236,8 +263,9 @@ async def test_a_reset_by_the_server_reaches_the_client_as_a_reset():
         await wait_for(lambda: proxy.stats.connections == 0)
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_a_reset_by_the_client_reaches_the_server_as_a_reset():
+async def test_a_reset_by_the_client_reaches_the_server_as_a_reset(mode):
     outcome = asyncio.get_running_loop().create_future()
 
     async def watch(reader, writer):
@@ -245,7 +273,7 @@ async def test_a_reset_by_the_client_reaches_the_server_as_a_reset():
         outcome.set_result(await read_outcome(reader))
         writer.close()
 
-    async with Server(watch) as server, Proxy(server.port) as proxy:
+    async with Server(watch) as server, Proxy(server.port, mode=mode) as proxy:
         sock = socket.create_connection((LOCAL, proxy_port(proxy)))
         sock.sendall(b"ping")
         await asyncio.sleep(0.1)
@@ -254,11 +282,11 @@ async def test_a_reset_by_the_client_reaches_the_server_as_a_reset():
         assert await outcome == "reset"
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["finish_connect", "add_writer"])
+@pytest.mark.parametrize("mode", MODES)
 @uvloop_test
-async def test_dial_retries_until_the_tail_listens(fast):
+async def test_dial_retries_until_the_tail_listens(mode):
     port = free_port()
-    async with Proxy(port, fast=fast) as proxy:
+    async with Proxy(port, mode=mode) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         writer.write(b"early bytes")  # held in the kernel until the tail is up
         await asyncio.sleep(1.0)
@@ -284,27 +312,28 @@ async def test_dial_gives_up_naming_the_address():
     assert 0.25 < time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["finish_connect", "add_writer"])
+@pytest.mark.parametrize("mode", MODES)
 @uvloop_test
-async def test_a_failed_connect_closes_the_client(fast):
-    async with Proxy(free_port(), timeout=0.2, fast=fast) as proxy:
+async def test_a_failed_connect_closes_the_client(mode):
+    async with Proxy(free_port(), timeout=0.2, mode=mode) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         assert await read_outcome(reader) in ("reset", "eof")
         await closed(writer)
         assert proxy.stats.connections == 0 and proxy.stats.total == 1
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_aclose_resets_live_connections_and_stops_listening():
+async def test_aclose_resets_live_connections_and_stops_listening(mode):
     async with Server() as server:
-        proxy_cm = Proxy(server.port)
+        proxy_cm = Proxy(server.port, mode=mode)
         proxy = await proxy_cm.__aenter__()
         port = proxy_port(proxy)
         reader, writer = await connect(port)
         writer.write(b"x")
         assert await reader.readexactly(1) == b"x"
         await proxy.aclose()
-        await proxy.aclose()  # idempotent
+        await proxy_cm.__aexit__(None, None, None)  # aclose() again: idempotent
         assert await read_outcome(reader) == "reset"
         await closed(writer)
         with pytest.raises(ConnectionRefusedError):
@@ -312,15 +341,16 @@ async def test_aclose_resets_live_connections_and_stops_listening():
         assert proxy.stats.connections == 0
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_aclose_during_connect_drops_the_pending_client():
+async def test_aclose_during_connect_drops_the_pending_client(mode):
     started = asyncio.Event()
 
     async def never():
         started.set()
         await asyncio.sleep(3600)
 
-    async with Proxy(0, connect=never) as proxy:
+    async with Proxy(0, connect=never, mode=mode) as proxy:
         reader, writer = await connect(proxy_port(proxy))
         await started.wait()
         await proxy.aclose()
@@ -329,8 +359,9 @@ async def test_aclose_during_connect_drops_the_pending_client():
         assert proxy.stats.connections == 0
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_back_pressure_blocks_a_fast_sender_and_loses_nothing():
+async def test_back_pressure_blocks_a_fast_sender_and_loses_nothing(mode):
     reading = asyncio.Event()
     received = bytearray()
 
@@ -344,7 +375,7 @@ async def test_back_pressure_blocks_a_fast_sender_and_loses_nothing():
         return memoryview(pattern)[start % 256: start % 256 + end - start]
 
     pattern = bytes(range(256)) * 1024  # period 256: any slice continues it
-    async with Server(slow_reader) as server, Proxy(server.port) as proxy:
+    async with Server(slow_reader) as server, Proxy(server.port, mode=mode) as proxy:
         client = socket.create_connection((LOCAL, proxy_port(proxy)))
         try:
             client.setblocking(False)
@@ -370,9 +401,10 @@ async def test_back_pressure_blocks_a_fast_sender_and_loses_nothing():
             client.close()
 
 
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_connections_counted_and_no_fds_left_after_aclose():
-    async with Server() as server, Proxy(server.port) as proxy:
+async def test_connections_counted_and_no_fds_left_after_aclose(mode):
+    async with Server() as server, Proxy(server.port, mode=mode) as proxy:
         conns = [await connect(proxy_port(proxy)) for _ in range(20)]
         for reader, writer in conns:
             writer.write(b"abc")
@@ -548,8 +580,9 @@ def thread_netns() -> int:
 
 
 @needs_root
+@pytest.mark.parametrize("mode", ENGINES)
 @uvloop_test
-async def test_bytes_cross_namespaces_and_the_loop_thread_stays_home(two_namespaces):
+async def test_bytes_cross_namespaces_and_the_loop_thread_stays_home(two_namespaces, mode):
     home = thread_netns()
     with Netns.named(two_namespaces[0]) as ns_a, Netns.named(two_namespaces[1]) as ns_b:
         with Netns.named(two_namespaces[0]) as again:
@@ -568,7 +601,7 @@ async def test_bytes_cross_namespaces_and_the_loop_thread_stays_home(two_namespa
                 async def tail(tail_ns=tail_ns, host=host, port=port):
                     return await dial(tail_ns, host, port)
 
-                async with Proxy(0, connect=tail, sock=head):
+                async with Proxy(0, connect=tail, sock=head, mode=mode, target=(tail_ns, host, port)):
                     # the head listens in A only: this namespace has nothing there
                     with pytest.raises(ConnectionRefusedError):
                         await connect(head_port)

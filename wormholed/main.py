@@ -31,6 +31,8 @@ from .api import ControlServer, methods
 from .docker import Docker
 from .peers import Peers
 from .places import Places
+from .proxy import native
+from .proxy.native import EngineHub
 from .segments import Env
 from .state import StateDir
 from .tunnels.table import Settings, Tunnels
@@ -102,6 +104,22 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def start_engine() -> EngineHub | None:
+    """The native TCP engine, unless WORMHOLE_ENGINE=python or it was not built."""
+    try:
+        choice = native.wanted()
+    except ValueError as e:
+        raise StartError(str(e)) from None
+    if choice == "python":
+        log.info("TCP engine: python (WORMHOLE_ENGINE=python)")
+        return None
+    if not native.available():
+        log.warning("TCP engine: python (the native engine is not built: %s)", native.IMPORT_ERROR)
+        return None
+    log.info("TCP engine: native")
+    return EngineHub()
+
+
 async def run(config: Config) -> None:
     raise_fd_limit()
     state = StateDir(config.state_dir)
@@ -112,7 +130,8 @@ async def run(config: Config) -> None:
     tunnels = Tunnels(state.tunnels, peers, config.key, daemon_id, Settings(
         cidr=config.cidr, ports=config.ports, internal_ip=config.internal_ip, external_ip=config.external_ip,
         default_type=config.tunnel_type, wireguard_go=config.wireguard_go))
-    wormholes = Wormholes(state, Env(Places(docker), peers, tunnels, daemon_id))
+    hub = start_engine()
+    wormholes = Wormholes(state, Env(Places(docker), peers, tunnels, daemon_id, engine=hub))
     control = ControlServer(methods(wormholes, peers, tunnels), config.key)
     socks = list(config.inherited)
     made = []
@@ -148,6 +167,8 @@ async def run(config: Config) -> None:
         if monitor is not None:
             await asyncio.gather(monitor, return_exceptions=True)
         await wormholes.aclose()
+        if hub is not None:
+            hub.close()
         tunnels.close()
         for sock in socks:
             sock.close()

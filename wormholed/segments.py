@@ -31,6 +31,7 @@ from .links import Target, format_url, link_for
 from .netns import Netns, make_socket
 from .peers import Peers
 from .places import Places
+from .proxy.native import EngineHub, NativeTcpProxy
 from .proxy.tcp import Stats, TcpProxy, dial
 from .proxy.udp import UdpProxy, dial_udp
 
@@ -42,12 +43,14 @@ log = logging.getLogger("wormholed")
 
 @dataclass
 class Env:
-    """What segments use from the daemon: places (namespaces, containers), peers, tunnels."""
+    """What segments use from the daemon: places (namespaces, containers), peers, tunnels,
+    and the native TCP engine (None: the pure-Python relay)."""
 
     places: Places
     peers: Peers | None = None
     tunnels: Tunnels | None = None
     daemon_id: str = ""
+    engine: EngineHub | None = None
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -77,7 +80,7 @@ class Segment:
         self.remote: tuple[str, str] | None = None  # (host, id) of a child on another daemon
         self.warnings: list[str] = []  # what teardown could not undo (an unreachable peer)
         self.stats = Stats()
-        self._proxy: TcpProxy | UdpProxy | None = None
+        self._proxy: TcpProxy | NativeTcpProxy | UdpProxy | None = None
         self._closed = False
 
     @property
@@ -134,9 +137,12 @@ class Segment:
                 await self._arm()
             if udp:
                 self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log)
+            elif self.env.engine is not None:
+                self._proxy = NativeTcpProxy(sock, self._connect_tail, hub=self.env.engine, stats=self.stats, log=log)
             else:
                 self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log)
             self._proxy.start()
+            self._retarget()
         except BaseException:
             await self.aclose()
             raise
@@ -154,6 +160,17 @@ class Segment:
             raise
         self._armed_stack, self.child, self.remote = stack, reached.child, reached.remote
         self.target = reached.target
+        self._retarget()
+
+    def _retarget(self) -> None:
+        """Tell a native proxy where new connections go (None: hand them to _connect_tail)."""
+        if not isinstance(self._proxy, NativeTcpProxy):
+            return
+        t = self.target
+        if t is None:
+            self._proxy.clear_target()
+        else:
+            self._proxy.set_target(t.ns, t.host, t.port)
 
     async def _trigger(self) -> None:
         """Run the trigger once; connections that arrive meanwhile wait for the same run."""
@@ -178,7 +195,7 @@ class Segment:
     async def _connect_tail(self) -> socket.socket:
         t = await self._target()
         try:
-            return await dial(t.ns, t.host, t.port, wait=self._proxy.finish_connect)
+            return await dial(t.ns, t.host, t.port, wait=getattr(self._proxy, "finish_connect", None))
         except OSError:
             if self.remote is not None and self.target is t:
                 self._disarm()
@@ -192,6 +209,7 @@ class Segment:
                     self.id, ident, host)
         stack, self._armed_stack = self._armed_stack, None
         self.target = self.child = self.remote = None
+        self._retarget()
         self._disarming = asyncio.ensure_future(stack.aclose())
         self._disarming.add_done_callback(lambda _: setattr(self, "_disarming", None))
 
@@ -200,6 +218,7 @@ class Segment:
         return await dial_udp(t.ns, t.host, t.port)
 
     def describe(self) -> dict:
+        stats = self._proxy.stats if isinstance(self._proxy, NativeTcpProxy) else self.stats
         tail = self.target.url(self.plan.tail.proto) if self.target else f"{self.plan.tail} (on the next connection)"
         child = None
         if self.remote:
@@ -212,8 +231,8 @@ class Segment:
             "remote": link.host if link and link.remote else None,
             "transport": link.transport if link and link.remote else None,
             "head": self.head_url, "tail": tail, "state": self.state,
-            "connections": self.stats.connections, "total": self.stats.total,
-            "bytes_in": self.stats.bytes_in, "bytes_out": self.stats.bytes_out,
+            "connections": stats.connections, "total": stats.total,
+            "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out,
         }
 
     async def aclose(self) -> None:

@@ -1,0 +1,185 @@
+"""The native TCP path: the asyncio shell around wormholed._engine.
+
+The engine (wormholed/_engine.c, a C extension built at install) accepts,
+connects and relays on a thread of its own, without the GIL: a connection
+costs no Python at all once its wormhole's tail is known. Python stays the
+control plane:
+
+- the daemon has one Engine (an ``EngineHub``); each TCP head is one of its
+  listeners (a ``NativeTcpProxy``, the same interface as tcp.TcpProxy);
+- a segment tells its proxy where the tail is (``set_target``) once it is
+  armed, and forgets it (``clear_target``) when the tail stops answering;
+- a connection the engine cannot finish comes back to Python (a handoff):
+  accepted while the tail is unknown (a trigger runs first, or the tail is a
+  name to resolve), or after the engine's connect failed (refused: the tail
+  is still starting, and Python's dial() retries for 5 s). Python dials as
+  the pure-Python proxy does and gives the pair back to the engine.
+
+``WORMHOLE_ENGINE=python`` selects the pure-Python relay (tcp.py) instead;
+without the built extension the daemon uses it too, and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+
+from .tcp import Connect, Stats, _abort
+
+try:
+    from wormholed import _engine
+except ImportError as e:  # not built (an install without a C compiler)
+    _engine = None
+    IMPORT_ERROR = str(e)
+else:
+    IMPORT_ERROR = ""
+
+__all__ = ["EngineHub", "NativeTcpProxy", "available", "wanted"]
+
+_log = logging.getLogger("wormholed.proxy.native")
+
+
+def wanted() -> str:
+    """The engine WORMHOLE_ENGINE asks for: 'native' (the default) or 'python'."""
+    choice = os.environ.get("WORMHOLE_ENGINE", "native").strip().lower() or "native"
+    if choice not in ("native", "python"):
+        raise ValueError(f"WORMHOLE_ENGINE must be native or python, not {choice!r}")
+    return choice
+
+
+def available() -> bool:
+    return _engine is not None
+
+
+class EngineHub:
+    """The daemon's one engine, and the proxies (listeners) using it."""
+
+    def __init__(self) -> None:
+        self.engine = _engine.Engine()
+        self._proxies: dict[int, NativeTcpProxy] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.engine.fileno(), self._on_handoffs)
+
+    def _on_handoffs(self) -> None:
+        for lid, fd, err in self.engine.handoffs():
+            proxy = self._proxies.get(lid)
+            if proxy is None:  # its proxy is closing
+                _abort(socket.socket(fileno=fd))
+                continue
+            proxy._handoff(fd, err)
+
+    def close(self) -> None:
+        if self.engine is None:
+            return
+        self._loop.remove_reader(self.engine.fileno())
+        self.engine.close()
+        self.engine = None
+
+
+def _literal(host: str) -> int:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return 0
+
+
+class NativeTcpProxy:
+    """Accepts on a listening socket through the engine and relays each connection to the
+    target (``set_target``), or to ``connect()`` while there is none."""
+
+    def __init__(self, sock: socket.socket, connect: Connect, *, hub: EngineHub, stats: Stats | None = None,
+                 log: logging.Logger = _log) -> None:
+        self._sock = sock
+        self._connect = connect
+        self._hub = hub
+        self._stats = stats if stats is not None else Stats()
+        self.log = log
+        self._lid: int | None = None
+        self._tasks: set[asyncio.Task] = set()  # handed-off connections being dialled
+        self._closed = False
+
+    def start(self) -> None:
+        if self._closed or self._lid is not None:
+            raise RuntimeError("NativeTcpProxy already started or closed")
+        self._sock.setblocking(False)
+        # Accepted sockets inherit TCP_NODELAY from the listener.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._lid = self._hub.engine.listen(self._sock.fileno())
+        self._hub._proxies[self._lid] = self
+
+    def set_target(self, ns, host: str, port: int) -> None:
+        """Let the engine connect new clients to host:port in ns itself (an address, not a name)."""
+        family = _literal(host)
+        if self._lid is None or self._closed:
+            return
+        if not family:  # a name: Python's dial() resolves it, per connection
+            return self._hub.engine.clear_target(self._lid)
+        self._hub.engine.set_target(self._lid, family, host, port, ns.fileno() if ns is not None else -1)
+
+    def clear_target(self) -> None:
+        if self._lid is not None and not self._closed:
+            self._hub.engine.clear_target(self._lid)
+
+    @property
+    def stats(self) -> Stats:
+        """The engine's counters, with the connections Python is dialling for."""
+        if self._lid is not None and not self._closed:  # once closed: the last counts
+            open_, total, bytes_in, bytes_out = self._hub.engine.stats(self._lid)
+            s = self._stats
+            s.connections, s.total, s.bytes_in, s.bytes_out = open_ + len(self._tasks), total, bytes_in, bytes_out
+        return self._stats
+
+    def _handoff(self, fd: int, err: int) -> None:
+        conn = socket.socket(fileno=fd)
+        task = asyncio.Task(self._dial(conn, err), loop=self._hub._loop, eager_start=True)
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _dial(self, conn: socket.socket, err: int) -> None:
+        tail = None
+        try:
+            conn.setblocking(False)
+            tail = await self._connect()  # a refused or failed engine connect: dialled again, with retries
+            if self._closed:
+                raise asyncio.CancelledError
+            tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._hub.engine.relay(self._lid, conn.fileno(), tail.fileno())
+        except BaseException as exc:
+            _abort(conn)
+            if tail is not None:
+                _abort(tail)
+            if isinstance(exc, Exception):
+                self.log.warning("connection dropped: %s", exc)
+                return
+            raise
+        conn.detach()  # the engine owns both now
+        tail.detach()
+
+    async def aclose(self) -> None:
+        """Stop accepting, close the listening socket, reset live connections."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lid is not None:
+            self._hub._proxies.pop(self._lid, None)
+            with contextlib.suppress(ValueError):
+                _, self._stats.total, self._stats.bytes_in, self._stats.bytes_out = self._hub.engine.stats(self._lid)
+                self._hub.engine.unlisten(self._lid)
+        self._stats.connections = 0  # unlisten reset them all
+        self._sock.close()
+
+    async def __aenter__(self) -> NativeTcpProxy:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
