@@ -71,3 +71,16 @@ test-kernel:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# test-engine-asan: wormholed/_engine.c built with AddressSanitizer and UBSan into a temporary directory,
+# and unit_tests/test_engine.py run against that build (libasan preloaded: this Python is not ASan-built;
+# detect_leaks=0: the interpreter's own leaks).
+.PHONY: test-engine-asan
+test-engine-asan: install
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	gcc -shared -fPIC -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -Wall -Wextra -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	    wormholed/_engine.c -o "$$tmp/_engine.so" && \
+	WORMHOLE_ENGINE_SO="$$tmp/_engine.so" LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	$(PY) -m pytest -q -p no:cacheprovider unit_tests/test_engine.py
