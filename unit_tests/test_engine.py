@@ -597,6 +597,43 @@ def test_an_idle_relayed_connection_holds_two_fds_and_no_pipe(setup, many_fds):
     assert pipes() == pooled
 
 
+def test_accepting_pauses_when_out_of_fds_and_resumes(setup):
+    """EMFILE: the engine stops accepting for a while, then takes the waiting clients."""
+    clients = [socket.socket() for _ in range(20)]
+    setup.socks += clients
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = set(map(int, open_fds()))
+    free = [fd for fd in range(len(used) + 8) if fd not in used]
+    try:  # room for 4 more fds only (the limit bounds fd numbers); connect() needs none
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free[3] + 1, hard))
+        for c in clients:
+            c.connect(setup.addr)
+        time.sleep(0.5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # a client accepted just before the limit may have been handed off (no fd for its tail)
+    handed = {fd: err for _, fd, err in setup.eng.handoffs()}
+    assert set(handed.values()) <= {errno.EMFILE}
+    for fd in handed:
+        os.close(fd)
+    wait_for(lambda: setup.stats()[1] == 20, what="every client accepted")
+    relayed = 20 - len(handed)
+    assert relayed > 0
+    for _ in range(relayed):
+        conn, _ = setup.server.accept()
+        setup.socks.append(conn)
+        conn.sendall(b"resumed")
+    got = 0
+    for c in clients:
+        c.settimeout(5)
+        try:
+            if c.recv(7) == b"resumed":
+                got += 1
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert got == relayed
+
+
 # --------------------------------------------------------------------------
 # random orders of send / shutdown / close / reset on both ends
 

@@ -1,60 +1,46 @@
 /*
- * wormholed._engine: the per-connection TCP path in C.
- *
- * One Engine = one epoll set and one pthread that never holds the GIL. It
- * accepts on listening sockets Python gives it, connects each client to its
- * listener's target (in the target's network namespace), relays bytes both
- * ways and closes. Python stays the control plane: it sends commands and
- * takes back the connections the engine cannot finish (handoffs).
+ * wormholed._engine: the per-connection TCP path in C. One Engine is an epoll
+ * set and a pthread that never holds the GIL: it accepts on listening sockets
+ * Python gives it, connects each client to its listener's target (in the
+ * target's network namespace), relays bytes both ways and closes. Python is
+ * the control plane: it sends commands and takes back what the engine cannot
+ * finish (handoffs). The API is in the module's docstring, at the end.
  *
  * Invariants
- *
- * Threads. Python-facing calls run with the GIL; the engine thread never
- * touches a Python object. They share only: the command queue, the handoff
- * queue and the listener table (all under mu), the listeners' counters
- * (atomics, read by stats() under mu so that the listener cannot be freed
- * meanwhile) and the eventfds. Everything else (connections, spares, the
- * pipe pool, a listener's fd and target) belongs to the engine thread once
- * its LISTEN command ran; before that and after its UNLISTEN command
- * finished (or after the thread was joined) it belongs to Python.
- *
- * Commands. Python queues a command and writes wakefd; the engine runs the
- * queue after each epoll batch, never in the middle of one, so an event of
- * the batch never refers to a freed listener. listen, set_target,
- * clear_target, unlisten and close wait for their command (on cv, GIL
- * released); relay does not. Posting is in order: a relay posted before an
- * unlisten runs before it. close() sets `closed` (under the GIL) before it
- * posts STOP, so STOP is the last command ever posted.
- *
- * Memory. A listener is freed by Python only after its UNLISTEN command ran
- * (or the thread was joined). A closed connection leaves every list and
- * moves to `dead`, freed after the batch: later events of the same batch see
- * `closed` and are ignored. Every socket leaves the epoll set (EPOLL_CTL_DEL)
- * before close(), since a forked child may still share its file.
- *
- * Fds. Every fd the engine owns is in exactly one place: a listener (fd,
- * netns, spares), a connection (fd[2], each half's pipe), the pipe pool,
- * or the handoff queue; and it is closed once, when it leaves that place
- * (close_conn, release_pipe, drop_spares, unlisten_l, teardown) or given to
- * Python (handoffs()).
- *
- * A relayed connection holds 2 fds and ~200 bytes while idle: a direction
- * copies through the thread's one read buffer, allocates only the part a
- * write left over, and after a read that filled the buffer splices through
- * a pipe of the pool until its source would block with the pipe empty; then
- * the pipe goes back to the pool.
- *
- * Semantics are wormholed/proxy/tcp.py's: edge-triggered epoll registered
- * once per socket; back-pressure by not reading a source while its bytes
- * wait for the destination; EOF -> shutdown(SHUT_WR) of the other side, both
- * EOFs -> close (FINs); ECONNRESET/EPIPE -> RST both (SO_LINGER 0); an idle
- * socket reset after its EOF is noticed through EPOLLERR + SO_ERROR.
+ * - Threads. The engine thread never touches a Python object. It shares with
+ *   Python only the command queue, the handoff queue and the listener table
+ *   (under mu), the listeners' counters (atomics; stats() reads them under mu,
+ *   so that the listener cannot be freed meanwhile) and the eventfds. All else
+ *   (connections, spares, the pipe pool, a listener's fd and target) is the
+ *   engine thread's from the listener's LISTEN command until its UNLISTEN ran
+ *   (or the thread was joined); Python frees a listener only after that.
+ * - Commands run after an epoll batch, never inside one, so no event of the
+ *   batch refers to a freed listener; they run in the order posted (a relay
+ *   posted before an unlisten runs first). close() sets `closed` under the
+ *   GIL before posting STOP, so STOP is the last command. Only relay() does
+ *   not wait for its command.
+ * - A closed connection leaves every list for `dead`, freed after the batch;
+ *   later events of the batch see `closed`. Every socket leaves the epoll set
+ *   (EPOLL_CTL_DEL) before close(): a forked child may still share its file.
+ * - Fds: each fd the engine owns is in exactly one place (a listener: fd,
+ *   netns, spares; a connection: fd[2], a half's pipe; the pipe pool; the
+ *   handoff queue) and is closed once, when it leaves it, unless handed to
+ *   Python. Only the engine thread calls setns, and always goes home after.
+ * - Idle cost: 2 fds and ~200 bytes per relayed connection. A direction
+ *   copies through the thread's one read buffer and allocates only what a
+ *   write left over; after a read that filled the buffer it splices through a
+ *   pipe of the pool until its source would block with the pipe empty, and
+ *   the pipe goes back to the pool.
+ * - Semantics are wormholed/proxy/tcp.py's: edge-triggered epoll registered
+ *   once per socket; back-pressure by not reading a source while its bytes
+ *   wait; EOF -> shutdown(SHUT_WR) of the other side, both EOFs -> close
+ *   (FINs); ECONNRESET/EPIPE -> RST both (SO_LINGER 0); an idle socket reset
+ *   after its EOF is noticed through EPOLLERR + SO_ERROR.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <arpa/inet.h>
-#include <errno.h>
+#include <arpa/inet.h> /* Python.h brings errno.h, stdlib.h, string.h */
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -63,8 +49,6 @@
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -90,9 +74,7 @@ struct link { struct link *prev, *next; };
 #define OF(p, type, member) ((type *)((char *)(p) - offsetof(type, member)))
 static void l_init(struct link *h) { h->prev = h->next = h; }
 static int l_empty(const struct link *h) { return h->next == h; }
-static void l_add(struct link *h, struct link *n) {
-    n->prev = h->prev; n->next = h; h->prev->next = n; h->prev = n;
-}
+static void l_add(struct link *h, struct link *n) { n->prev = h->prev; n->next = h; h->prev->next = n; h->prev = n; }
 static void l_del(struct link *n) {
     if (n->next) { n->prev->next = n->next; n->next->prev = n->prev; n->next = n->prev = NULL; }
 }
@@ -100,16 +82,14 @@ static void l_del(struct link *n) {
 struct listener {
     struct link table;       /* Python's table of lids (mu) */
     struct link active;      /* the engine's listeners */
-    int lid;
-    int fd, registered;      /* our dup of the listening socket; in the epoll set */
+    int lid, fd, registered; /* fd: our dup of the listening socket; registered: in the epoll set */
     int has_target, family, netns; /* netns: our dup, -1: the engine's home */
     socklen_t alen;
-    struct sockaddr_storage addr;
+    struct sockaddr_storage addr; /* the target */
     int spares[SPARES], nspares;
     int64_t resume_at;       /* accepting paused (EMFILE...) until then */
-    struct link backoff;     /* in e->backoffs while paused */
-    struct link conns;
-    int64_t open, total, bytes_in, bytes_out; /* atomics */
+    struct link backoff, conns; /* backoff: in e->backoffs while paused */
+    int64_t n[4];            /* atomics: open, total, bytes in (client -> tail), bytes out */
 };
 
 struct half {                /* one direction: fd[dir] -> fd[!dir] */
@@ -125,17 +105,15 @@ struct conn {
     uint8_t reg[2], connecting, closed;
     struct half h[2];
     struct listener *l;
-    struct link node;        /* l->conns; e->dead once closed */
-    struct link timer;       /* e->connecting while the tail connects */
-    int64_t deadline;
+    struct link node, timer; /* node: in l->conns, in e->dead once closed; timer: in e->connecting */
+    int64_t deadline;        /* of the connect */
 };
 
 enum { C_LISTEN, C_TARGET, C_CLEAR, C_RELAY, C_UNLISTEN, C_STOP };
 struct cmd {
     struct cmd *next;
-    int op, sync, done, err;
+    int op, sync, done, err, a, b, family; /* a, b: relay's fds; a: target's netns fd */
     struct listener *l;
-    int a, b, family;        /* relay: fds; target: netns fd */
     socklen_t alen;
     struct sockaddr_storage addr;
 };
@@ -145,19 +123,16 @@ struct handoff { int lid, fd, err; };
 struct engine {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int ep, wakefd, handfd, home;
+    int ep, wakefd, handfd, home, started; /* wakefd: commands posted; handfd: handoffs queued */
     dev_t home_dev;
     ino_t home_ino;
     pthread_t thread;
-    int started;
-    /* under mu */
-    struct cmd *cmds, **cmds_tail;
+    struct cmd *cmds, **cmds_tail; /* under mu: cmds, hq, hn, hcap, table, next_lid */
     struct handoff *hq;
     size_t hn, hcap;
     struct link table;
     int next_lid;
-    /* engine thread */
-    int stop, away;          /* away: the thread is not in its home netns */
+    int stop, away;          /* the engine thread's from here; away: not in its home netns */
     char *rbuf;
     int pool[POOL_MAX][2], npool;
     struct link active, ready, connecting, backoffs, dead;
@@ -170,7 +145,8 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void count(int64_t *counter, int64_t n) { __atomic_fetch_add(counter, n, __ATOMIC_RELAXED); }
+enum { OPEN, TOTAL, BYTES_IN, BYTES_OUT };
+static void count(struct listener *l, int which, int64_t n) { __atomic_fetch_add(&l->n[which], n, __ATOMIC_RELAXED); }
 
 static void abort_fd(int fd) {
     struct linger lg = {1, 0};
@@ -181,8 +157,7 @@ static void abort_fd(int fd) {
 static int sock_error(int fd) {
     int err = 0;
     socklen_t len = sizeof err;
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
-    return err;
+    return getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 ? errno : err;
 }
 
 /* ---- the pipe pool ---- */
@@ -191,53 +166,43 @@ static void take_pipe(struct engine *e, struct half *h) {
     int p[2];
     if (e->npool) {
         e->npool--;
-        p[0] = e->pool[e->npool][0];
-        p[1] = e->pool[e->npool][1];
+        p[0] = e->pool[e->npool][0], p[1] = e->pool[e->npool][1];
     } else {
         if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) return; /* stay in read/write mode */
         fcntl(p[1], F_SETPIPE_SZ, PIPE_SIZE);             /* above pipe-max-size: keep the default */
     }
-    h->pr = p[0];
-    h->pw = p[1];
+    h->pr = p[0], h->pw = p[1];
 }
 
 /* The half's pipe back to the pool if it is empty, else closed. */
 static void release_pipe(struct engine *e, struct half *h) {
     if (h->pr < 0) return;
     if ((h->buf || !h->pending) && e->npool < POOL_MAX) {
-        e->pool[e->npool][0] = h->pr;
-        e->pool[e->npool][1] = h->pw;
+        e->pool[e->npool][0] = h->pr, e->pool[e->npool][1] = h->pw;
         e->npool++;
     } else {
-        close(h->pr);
-        close(h->pw);
+        close(h->pr), close(h->pw);
     }
     h->pr = h->pw = -1;
 }
 
 static void drop_pool(struct engine *e) {
-    while (e->npool) {
-        e->npool--;
-        close(e->pool[e->npool][0]);
-        close(e->pool[e->npool][1]);
-    }
+    for (; e->npool; e->npool--) close(e->pool[e->npool - 1][0]), close(e->pool[e->npool - 1][1]);
 }
 
 /* ---- handoffs to Python ---- */
 
 static void handoff(struct engine *e, struct listener *l, int fd, int err) {
-    count(&l->open, -1);
+    count(l, OPEN, -1);
     pthread_mutex_lock(&e->mu);
     if (e->hn == e->hcap) {
         size_t cap = e->hcap ? 2 * e->hcap : 64;
         struct handoff *hq = realloc(e->hq, cap * sizeof *hq);
         if (!hq) {
             pthread_mutex_unlock(&e->mu);
-            abort_fd(fd);
-            return;
+            return abort_fd(fd);
         }
-        e->hq = hq;
-        e->hcap = cap;
+        e->hq = hq, e->hcap = cap;
     }
     e->hq[e->hn++] = (struct handoff){l->lid, fd, err};
     if (e->hn == 1) {
@@ -252,8 +217,7 @@ static void handoff(struct engine *e, struct listener *l, int fd, int err) {
 static int watch(struct engine *e, struct conn *c, int side) {
     struct epoll_event ev = {.events = SOCK_EVENTS, .data.u64 = (uintptr_t)c | (unsigned)side};
     if (epoll_ctl(e->ep, EPOLL_CTL_ADD, c->fd[side], &ev) < 0) return -1;
-    c->reg[side] = 1;
-    return 0;
+    return c->reg[side] = 1, 0;
 }
 
 static void close_sock(struct engine *e, struct conn *c, int side, int reset) {
@@ -270,8 +234,7 @@ static void release(struct engine *e, struct conn *c) {
     for (int d = 0; d < 2; d++) {
         l_del(&c->h[d].ready);
         release_pipe(e, &c->h[d]);
-        free(c->h[d].buf);
-        c->h[d].buf = NULL;
+        free(c->h[d].buf), c->h[d].buf = NULL;
     }
     l_add(&e->dead, &c->node);
 }
@@ -279,20 +242,15 @@ static void release(struct engine *e, struct conn *c) {
 static void close_conn(struct engine *e, struct conn *c, int reset) {
     close_sock(e, c, 0, reset);
     close_sock(e, c, 1, reset);
-    count(&c->l->open, -1);
+    count(c->l, OPEN, -1);
     release(e, c);
 }
 
 static struct conn *new_conn(struct listener *l, int client, int tail) {
     struct conn *c = calloc(1, sizeof *c);
     if (!c) return NULL;
-    c->fd[0] = client;
-    c->fd[1] = tail;
-    c->l = l;
-    for (int d = 0; d < 2; d++) {
-        c->h[d].pr = c->h[d].pw = -1;
-        c->h[d].dir = (uint8_t)d;
-    }
+    c->fd[0] = client, c->fd[1] = tail, c->l = l;
+    for (int d = 0; d < 2; d++) c->h[d].pr = c->h[d].pw = -1, c->h[d].dir = (uint8_t)d;
     l_add(&l->conns, &c->node);
     return c;
 }
@@ -309,10 +267,7 @@ static void eof(struct engine *e, struct conn *c, int d) {
 }
 
 static void queue(struct engine *e, struct half *h) {
-    if (!h->queued) {
-        h->queued = 1;
-        l_add(&e->ready, &h->ready);
-    }
+    if (!h->queued) h->queued = 1, l_add(&e->ready, &h->ready);
 }
 
 /* splice() refused the pipe -> dst: move what the pipe holds into a buffer. */
@@ -327,9 +282,7 @@ static int to_copy(struct half *h) {
         }
         got += (uint32_t)n;
     }
-    h->buf = buf;
-    h->off = 0;
-    h->nosplice = 1;
+    h->buf = buf, h->off = 0, h->nosplice = 1;
     return 0;
 }
 
@@ -356,14 +309,8 @@ static void pump(struct engine *e, struct conn *c, int d) {
             }
             moved += m;
             h->pending -= (uint32_t)m;
-            if (h->buf) {
-                h->off += (uint32_t)m;
-                if (!h->pending) {
-                    free(h->buf);
-                    h->buf = NULL;
-                    h->off = 0;
-                }
-            }
+            if (h->buf && !h->pending) free(h->buf), h->buf = NULL, h->off = 0;
+            else if (h->buf) h->off += (uint32_t)m;
             continue;
         }
         if (rounds-- == 0) { /* let the other connections run; go on after this batch */
@@ -372,44 +319,28 @@ static void pump(struct engine *e, struct conn *c, int d) {
         }
         if (h->pr >= 0) {
             n = splice(src, NULL, h->pw, NULL, PIPE_SIZE, SPLICE_FLAGS);
-            if (n > 0) {
-                h->pending = (uint32_t)n;
-                continue;
-            }
+            if (n > 0) { h->pending = (uint32_t)n; continue; }
             if (n == 0) { end = 1; break; }
-            if (errno == EAGAIN) { /* idle and empty: the pipe goes back */
-                release_pipe(e, h);
-                break;
-            }
-            if (errno == EINVAL) { /* this source cannot splice */
-                release_pipe(e, h);
-                h->nosplice = 1;
-                continue;
-            }
+            if (errno == EAGAIN) { release_pipe(e, h); break; } /* idle and empty: the pipe goes back */
+            if (errno == EINVAL) { release_pipe(e, h); h->nosplice = 1; continue; } /* cannot splice */
             err = errno;
             break;
         }
         n = read(src, e->rbuf, BUF_SIZE);
         if (n == 0) { end = 1; break; }
-        if (n < 0) {
-            if (errno != EAGAIN) err = errno;
-            break;
-        }
+        if (n < 0) { err = errno == EAGAIN ? 0 : errno; break; }
         m = send(dst, e->rbuf, (size_t)n, MSG_NOSIGNAL);
-        if (m < 0) {
-            if (errno != EAGAIN) { err = errno; break; }
-            m = 0;
-        }
+        if (m < 0 && errno != EAGAIN) { err = errno; break; }
+        if (m < 0) m = 0;
         moved += m;
         if (m < n) {
             if (!(h->buf = malloc((size_t)(n - m)))) { err = ENOMEM; break; }
             memcpy(h->buf, e->rbuf + m, (size_t)(n - m));
-            h->pending = (uint32_t)(n - m);
-            h->off = 0;
+            h->pending = (uint32_t)(n - m), h->off = 0;
         }
         if (n == BUF_SIZE && !h->nosplice) take_pipe(e, h); /* a bulk transfer: splice from now on */
     }
-    if (moved) count(d ? &c->l->bytes_out : &c->l->bytes_in, moved);
+    if (moved) count(c->l, d ? BYTES_OUT : BYTES_IN, moved);
     if (err) failed(e, c, err);
     else if (end) eof(e, c, d);
 }
@@ -438,14 +369,9 @@ static void on_conn(struct engine *e, struct conn *c, int s, uint32_t ev) {
         connected(e, c);
         if (c->closed) return;
     }
-    if (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP) && out->pending) {
-        pump(e, c, !s);
-        if (c->closed) return;
-    }
-    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP) && !in->done && !in->pending) {
-        pump(e, c, s);
-        if (c->closed) return;
-    }
+    if (ev & (EPOLLOUT | EPOLLERR | EPOLLHUP) && out->pending && (pump(e, c, !s), c->closed)) return;
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP) && !in->done && !in->pending && (pump(e, c, s), c->closed))
+        return;
     if (ev & EPOLLERR && in->done && !out->pending) { /* an idle socket reset after its EOF */
         int err = sock_error(c->fd[s]);
         if (err) failed(e, c, err);
@@ -489,10 +415,7 @@ static void dial(struct engine *e, struct listener *l, int client) {
     int tail = tail_socket(e, l);
     if (tail < 0) return handoff(e, l, client, -tail);
     struct conn *c = new_conn(l, client, tail);
-    if (!c) {
-        close(tail);
-        return handoff(e, l, client, ENOMEM);
-    }
+    if (!c) return close(tail), handoff(e, l, client, ENOMEM);
     /* Bytes the client sends meanwhile wait in the kernel. */
     if (connect(tail, (struct sockaddr *)&l->addr, l->alen) == 0) return connected(e, c);
     if (errno != EINPROGRESS) return connect_failed(e, c, errno);
@@ -505,8 +428,7 @@ static void dial(struct engine *e, struct listener *l, int client) {
 static int listener_on(struct engine *e, struct listener *l) {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uintptr_t)l | TAG_LISTENER};
     if (epoll_ctl(e->ep, EPOLL_CTL_ADD, l->fd, &ev) < 0) return errno;
-    l->registered = 1;
-    return 0;
+    return l->registered = 1, 0;
 }
 
 static void listener_off(struct engine *e, struct listener *l) {
@@ -527,18 +449,18 @@ static void accept_some(struct engine *e, struct listener *l) {
     for (int i = 0; i < ACCEPT_BATCH && l->registered; i++) {
         int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno == EAGAIN) return;
-            if (accept_ignored(errno)) continue;
+            int err = errno;
+            if (err == EAGAIN) return;
+            if (accept_ignored(err)) continue;
             listener_off(e, l); /* level-triggered: it must leave the set while paused */
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
                 drop_pool(e); /* idle pipes hold fds */
                 l->resume_at = now_ms() + BACKOFF_MS;
                 l_add(&e->backoffs, &l->backoff);
             } /* else: no longer accepting, as TcpProxy */
             return;
         }
-        count(&l->total, 1);
-        count(&l->open, 1);
+        count(l, TOTAL, 1), count(l, OPEN, 1);
         if (l->has_target) dial(e, l, fd);
         else handoff(e, l, fd, 0);
     }
@@ -546,14 +468,11 @@ static void accept_some(struct engine *e, struct listener *l) {
 
 static void unlisten_l(struct engine *e, struct listener *l) {
     listener_off(e, l);
-    if (l->fd >= 0) close(l->fd);
-    l->fd = -1;
-    l_del(&l->backoff);
-    l_del(&l->active);
+    if (l->fd >= 0) close(l->fd), l->fd = -1;
+    l_del(&l->backoff), l_del(&l->active);
     while (!l_empty(&l->conns)) close_conn(e, OF(l->conns.next, struct conn, node), 1);
     drop_spares(l);
-    if (l->netns >= 0) close(l->netns);
-    l->netns = -1;
+    if (l->netns >= 0) close(l->netns), l->netns = -1;
     pthread_mutex_lock(&e->mu); /* its handoffs Python has not taken yet */
     size_t kept = 0;
     for (size_t i = 0; i < e->hn; i++) {
@@ -578,17 +497,12 @@ static void run_command(struct engine *e, struct cmd *c) {
     case C_CLEAR:
         drop_spares(l);
         if (l->netns >= 0) close(l->netns);
-        l->netns = c->op == C_TARGET ? c->a : -1;
-        l->has_target = c->op == C_TARGET;
-        l->family = c->family;
-        l->alen = c->alen;
-        l->addr = c->addr;
+        l->netns = c->a, l->has_target = c->op == C_TARGET;
+        l->family = c->family, l->alen = c->alen, l->addr = c->addr;
         break;
     case C_RELAY:
         if (!(conn = new_conn(l, c->a, c->b))) {
-            abort_fd(c->a);
-            abort_fd(c->b);
-            count(&l->open, -1);
+            abort_fd(c->a), abort_fd(c->b), count(l, OPEN, -1);
             break;
         }
         setsockopt(c->b, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -609,8 +523,7 @@ static void run_commands(struct engine *e) {
     if (read(e->wakefd, &v, sizeof v) < 0) { /* EAGAIN: a wake-up already consumed */ }
     pthread_mutex_lock(&e->mu);
     struct cmd *c = e->cmds;
-    e->cmds = NULL;
-    e->cmds_tail = &e->cmds;
+    e->cmds = NULL, e->cmds_tail = &e->cmds;
     pthread_mutex_unlock(&e->mu);
     while (c) {
         struct cmd *next = c->next;
@@ -620,9 +533,7 @@ static void run_commands(struct engine *e) {
             c->done = 1;
             pthread_cond_broadcast(&e->cv);
             pthread_mutex_unlock(&e->mu);
-        } else {
-            free(c);
-        }
+        } else free(c);
         c = next;
     }
 }
@@ -652,10 +563,7 @@ static void expire(struct engine *e) {
         struct listener *l = OF(e->backoffs.next, struct listener, backoff);
         if (l->resume_at > now) break;
         l_del(&l->backoff);
-        if (listener_on(e, l) != 0) { /* try again later */
-            l->resume_at = now + BACKOFF_MS;
-            l_add(&e->backoffs, &l->backoff);
-        }
+        if (listener_on(e, l) != 0) l->resume_at = now + BACKOFF_MS, l_add(&e->backoffs, &l->backoff);
     }
 }
 
@@ -676,24 +584,18 @@ static void *run(void *arg) {
         }
         /* Directions that used up their rounds; those they requeue wait for the next batch. */
         if (!l_empty(&e->ready)) {
-            batch = e->ready;
-            batch.next->prev = batch.prev->next = &batch;
+            batch = e->ready, batch.next->prev = batch.prev->next = &batch;
             l_init(&e->ready);
             while (!l_empty(&batch)) {
                 struct half *h = OF(batch.next, struct half, ready);
                 struct conn *c = h->dir ? OF(h, struct conn, h[1]) : OF(h, struct conn, h[0]);
-                l_del(&h->ready);
-                h->queued = 0;
+                l_del(&h->ready), h->queued = 0;
                 pump(e, c, h->dir);
             }
         }
         expire(e);
         if (commands) run_commands(e);
-        while (!l_empty(&e->dead)) {
-            struct link *d = e->dead.next;
-            l_del(d);
-            free(OF(d, struct conn, node));
-        }
+        for (struct link *d; !l_empty(&e->dead);) d = e->dead.next, l_del(d), free(OF(d, struct conn, node));
     }
     return NULL;
 }
@@ -706,10 +608,7 @@ typedef struct {
     int closed;
 } EngineObject;
 
-static PyObject *os_error(int err) {
-    errno = err;
-    return PyErr_SetFromErrno(PyExc_OSError);
-}
+static PyObject *os_error(int err) { return errno = err, PyErr_SetFromErrno(PyExc_OSError); }
 
 static int check_open(EngineObject *self) {
     if (self->closed) PyErr_SetString(PyExc_ValueError, "the engine is closed");
@@ -724,9 +623,7 @@ static struct listener *find(struct engine *e, int lid) { /* under mu */
 
 static void post(struct engine *e, struct cmd *c) { /* under mu */
     uint64_t one = 1;
-    c->next = NULL;
-    *e->cmds_tail = c;
-    e->cmds_tail = &c->next;
+    c->next = NULL, *e->cmds_tail = c, e->cmds_tail = &c->next;
     if (write(e->wakefd, &one, sizeof one) < 0) { /* cannot overflow: the engine reads it */ }
 }
 
@@ -751,26 +648,17 @@ static int command(EngineObject *self, int lid, struct cmd *c, int drop) {
         post(e, c);
     }
     pthread_mutex_unlock(&e->mu);
-    if (!l) {
-        PyErr_Format(PyExc_ValueError, "no listener %d", lid);
-        return -1;
-    }
+    if (!l) return PyErr_Format(PyExc_ValueError, "no listener %d", lid), -1;
     return sync ? wait_done(e, c) : 0;
 }
 
 static void teardown(struct engine *e) { /* the thread is not running */
-    if (e->ep >= 0) close(e->ep);
-    if (e->wakefd >= 0) close(e->wakefd);
-    if (e->handfd >= 0) close(e->handfd);
-    if (e->home >= 0) close(e->home);
-    e->ep = e->wakefd = e->handfd = e->home = -1;
+    int *fds[] = {&e->ep, &e->wakefd, &e->handfd, &e->home};
+    for (int i = 0; i < 4; i++) if (*fds[i] >= 0) close(*fds[i]), *fds[i] = -1;
     drop_pool(e);
     for (size_t i = 0; i < e->hn; i++) abort_fd(e->hq[i].fd);
-    free(e->hq);
-    e->hq = NULL;
-    e->hn = e->hcap = 0;
-    free(e->rbuf);
-    e->rbuf = NULL;
+    free(e->hq), e->hq = NULL, e->hn = e->hcap = 0;
+    free(e->rbuf), e->rbuf = NULL;
 }
 
 static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
@@ -781,11 +669,7 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
     l_init(&gone);
     if (e->started) {
         pthread_mutex_lock(&e->mu);
-        while (!l_empty(&e->table)) { /* STOP unlistens them; freed once the thread is gone */
-            struct link *n = e->table.next;
-            l_del(n);
-            l_add(&gone, n);
-        }
+        for (struct link *n; !l_empty(&e->table);) n = e->table.next, l_del(n), l_add(&gone, n); /* freed after */
         e->stop_cmd.op = C_STOP;
         post(e, &e->stop_cmd);
         pthread_mutex_unlock(&e->mu);
@@ -794,11 +678,7 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
         Py_END_ALLOW_THREADS
         e->started = 0;
     }
-    while (!l_empty(&gone)) {
-        struct link *n = gone.next;
-        l_del(n);
-        free(OF(n, struct listener, table));
-    }
+    for (struct link *n; !l_empty(&gone);) n = gone.next, l_del(n), free(OF(n, struct listener, table));
     teardown(e);
     Py_RETURN_NONE;
 }
@@ -823,20 +703,12 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     struct engine *e = self->e = calloc(1, sizeof *e);
-    if (!e) {
-        Py_DECREF(self);
-        return PyErr_NoMemory();
-    }
+    if (!e) return Py_DECREF(self), PyErr_NoMemory();
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
     e->cmds_tail = &e->cmds;
-    e->next_lid = 0;
-    l_init(&e->table);
-    l_init(&e->active);
-    l_init(&e->ready);
-    l_init(&e->connecting);
-    l_init(&e->backoffs);
-    l_init(&e->dead);
+    l_init(&e->table), l_init(&e->active), l_init(&e->ready);
+    l_init(&e->connecting), l_init(&e->backoffs), l_init(&e->dead);
     e->stop_cmd.sync = 1; /* embedded: never freed; nobody waits for it (join does) */
     e->ep = epoll_create1(EPOLL_CLOEXEC);
     e->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -844,16 +716,11 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     /* The thread inherits this thread's namespace: its home, to come back to after setns. */
     e->home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
     if (e->ep < 0 || e->wakefd < 0 || e->handfd < 0 || e->home < 0 || fstat(e->home, &st) < 0 ||
-        epoll_ctl(e->ep, EPOLL_CTL_ADD, e->wakefd, &ev) < 0) {
+        epoll_ctl(e->ep, EPOLL_CTL_ADD, e->wakefd, &ev) < 0 || !(e->rbuf = malloc(BUF_SIZE))) {
         err = errno;
         goto fail;
     }
-    e->home_dev = st.st_dev;
-    e->home_ino = st.st_ino;
-    if (!(e->rbuf = malloc(BUF_SIZE))) {
-        err = ENOMEM;
-        goto fail;
-    }
+    e->home_dev = st.st_dev, e->home_ino = st.st_ino;
     sigfillset(&all); /* signals are for Python's threads */
     pthread_sigmask(SIG_SETMASK, &all, &old);
     err = pthread_create(&e->thread, NULL, run, e);
@@ -868,8 +735,7 @@ fail:
 }
 
 static PyObject *Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (!check_open(self)) return NULL;
-    return PyLong_FromLong(self->e->handfd);
+    return check_open(self) ? PyLong_FromLong(self->e->handfd) : NULL;
 }
 
 static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
@@ -884,24 +750,18 @@ static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
         return os_error(errno);
     struct listener *l = calloc(1, sizeof *l);
     if (!l) return PyErr_NoMemory();
-    if ((l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) {
-        free(l);
-        return os_error(errno);
-    }
+    if ((l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) return free(l), os_error(errno);
     l->netns = -1;
     l_init(&l->conns);
     pthread_mutex_lock(&e->mu);
-    l->lid = ++e->next_lid;
+    int lid = l->lid = ++e->next_lid;
     l_add(&e->table, &l->table);
-    int lid = l->lid;
     pthread_mutex_unlock(&e->mu);
     if (command(self, lid, &c, 0) != 0) {
         pthread_mutex_lock(&e->mu);
         l_del(&l->table);
         pthread_mutex_unlock(&e->mu);
-        close(l->fd);
-        free(l);
-        return os_error(c.err);
+        return close(l->fd), free(l), os_error(c.err);
     }
     return PyLong_FromLong(lid);
 }
@@ -916,24 +776,15 @@ static PyObject *Engine_set_target(EngineObject *self, PyObject *args, PyObject 
                                      &netns) || !check_open(self))
         return NULL;
     if (port < 1 || port > 65535) return PyErr_Format(PyExc_ValueError, "bad port %d", port);
-    c.family = family;
-    if (family == AF_INET) {
-        struct sockaddr_in *sin = (struct sockaddr_in *)&c.addr;
-        sin->sin_family = AF_INET;
-        sin->sin_port = htons((uint16_t)port);
-        c.alen = sizeof *sin;
-        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
-            return PyErr_Format(PyExc_ValueError, "not an IPv4 address: %s", host);
-    } else if (family == AF_INET6) {
-        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&c.addr;
-        sin6->sin6_family = AF_INET6;
-        sin6->sin6_port = htons((uint16_t)port);
-        c.alen = sizeof *sin6;
-        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
-            return PyErr_Format(PyExc_ValueError, "not an IPv6 address: %s", host);
-    } else {
+    struct sockaddr_in *sin = (struct sockaddr_in *)&c.addr;
+    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&c.addr;
+    if (family != AF_INET && family != AF_INET6)
         return PyErr_Format(PyExc_ValueError, "family must be AF_INET or AF_INET6, not %d", family);
-    }
+    c.family = family;
+    if (family == AF_INET) sin->sin_family = AF_INET, sin->sin_port = htons((uint16_t)port), c.alen = sizeof *sin;
+    else sin6->sin6_family = AF_INET6, sin6->sin6_port = htons((uint16_t)port), c.alen = sizeof *sin6;
+    if (inet_pton(family, host, family == AF_INET ? (void *)&sin->sin_addr : (void *)&sin6->sin6_addr) != 1)
+        return PyErr_Format(PyExc_ValueError, "not a numeric IPv%d address: %s", family == AF_INET ? 4 : 6, host);
     if (netns >= 0) {
         if (fstat(netns, &st) < 0) return os_error(errno);
         /* the engine's own namespace needs no setns (nor the privilege for it) */
@@ -941,10 +792,7 @@ static PyObject *Engine_set_target(EngineObject *self, PyObject *args, PyObject 
             (c.a = fcntl(netns, F_DUPFD_CLOEXEC, 0)) < 0)
             return os_error(errno);
     }
-    if (command(self, lid, &c, 0) < 0) {
-        if (c.a >= 0) close(c.a);
-        return NULL;
-    }
+    if (command(self, lid, &c, 0) < 0) return c.a >= 0 ? close(c.a) : 0, NULL;
     Py_RETURN_NONE;
 }
 
@@ -962,18 +810,13 @@ static PyObject *Engine_relay(EngineObject *self, PyObject *args) {
     if (client < 0 || tail < 0 || client == tail) return PyErr_Format(PyExc_ValueError, "bad fds");
     struct cmd *c = calloc(1, sizeof *c);
     if (!c) return PyErr_NoMemory();
-    c->op = C_RELAY;
-    c->a = client;
-    c->b = tail;
+    c->op = C_RELAY, c->a = client, c->b = tail;
     struct engine *e = self->e;
     pthread_mutex_lock(&e->mu); /* counted before the engine runs it: stats() right after sees it */
     struct listener *l = find(e, lid);
-    if (l) count(&l->open, 1);
+    if (l) count(l, OPEN, 1);
     pthread_mutex_unlock(&e->mu);
-    if (command(self, lid, c, 0) < 0) {
-        free(c);
-        return NULL;
-    }
+    if (command(self, lid, c, 0) < 0) return free(c), NULL;
     Py_RETURN_NONE;
 }
 
@@ -984,10 +827,7 @@ static PyObject *Engine_handoffs(EngineObject *self, PyObject *Py_UNUSED(ignored
     pthread_mutex_lock(&e->mu);
     struct handoff *hq = e->hq;
     size_t n = e->hn;
-    if (n) {
-        e->hq = NULL;
-        e->hn = e->hcap = 0;
-    }
+    if (n) e->hq = NULL, e->hn = e->hcap = 0;
     if (read(e->handfd, &v, sizeof v) < 0) { /* EAGAIN: nothing was signalled */ }
     pthread_mutex_unlock(&e->mu);
     PyObject *list = PyList_New((Py_ssize_t)n);
@@ -1009,12 +849,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self)) return NULL;
     pthread_mutex_lock(&e->mu);
     struct listener *l = find(e, lid);
-    if (l) {
-        s[0] = __atomic_load_n(&l->open, __ATOMIC_RELAXED);
-        s[1] = __atomic_load_n(&l->total, __ATOMIC_RELAXED);
-        s[2] = __atomic_load_n(&l->bytes_in, __ATOMIC_RELAXED);
-        s[3] = __atomic_load_n(&l->bytes_out, __ATOMIC_RELAXED);
-    }
+    for (int i = 0; l && i < 4; i++) s[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
     pthread_mutex_unlock(&e->mu);
     if (!l) return PyErr_Format(PyExc_ValueError, "no listener %d", lid);
     return Py_BuildValue("(LLLL)", (long long)s[0], (long long)s[1], (long long)s[2], (long long)s[3]);
@@ -1029,25 +864,17 @@ static PyObject *Engine_unlisten(EngineObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyMethodDef Engine_methods[] = {
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
-     "fileno() -> int: an eventfd, readable while handoffs() has entries."},
-    {"listen", (PyCFunction)Engine_listen, METH_VARARGS,
-     "listen(fd) -> lid: accept on this listening TCP socket (the engine dup()s it)."},
+static PyMethodDef Engine_methods[] = { /* documented in the module's docstring */
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "fileno() -> eventfd"},
+    {"listen", (PyCFunction)Engine_listen, METH_VARARGS, "listen(fd) -> lid"},
     {"set_target", (PyCFunction)(void (*)(void))Engine_set_target, METH_VARARGS | METH_KEYWORDS,
-     "set_target(lid, family, host, port, netns_fd=-1): connect accepted clients to host:port."},
-    {"clear_target", (PyCFunction)Engine_clear_target, METH_VARARGS,
-     "clear_target(lid): hand every accepted connection off again."},
-    {"relay", (PyCFunction)Engine_relay, METH_VARARGS,
-     "relay(lid, client_fd, tail_fd): relay a connected pair; the engine owns both fds on success."},
-    {"handoffs", (PyCFunction)Engine_handoffs, METH_NOARGS,
-     "handoffs() -> [(lid, client_fd, err)]: connections for Python (err 0: no target; else the errno)."},
-    {"stats", (PyCFunction)Engine_stats, METH_VARARGS,
-     "stats(lid) -> (open, total, bytes_in, bytes_out)."},
-    {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS,
-     "unlisten(lid): stop accepting, reset lid's connections, forget lid; returns once done."},
-    {"close", (PyCFunction)Engine_close, METH_NOARGS,
-     "close(): unlisten all, stop and join the thread, close everything; idempotent."},
+     "set_target(lid, family, host, port, netns_fd=-1)"},
+    {"clear_target", (PyCFunction)Engine_clear_target, METH_VARARGS, "clear_target(lid)"},
+    {"relay", (PyCFunction)Engine_relay, METH_VARARGS, "relay(lid, client_fd, tail_fd)"},
+    {"handoffs", (PyCFunction)Engine_handoffs, METH_NOARGS, "handoffs() -> [(lid, client_fd, err)]"},
+    {"stats", (PyCFunction)Engine_stats, METH_VARARGS, "stats(lid) -> (open, total, bytes_in, bytes_out)"},
+    {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS, "unlisten(lid)"},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "close()"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1065,31 +892,29 @@ static PyTypeObject EngineType = {
 PyDoc_STRVAR(module_doc,
 "The per-connection TCP path in C: accept, connect, relay, close, on a thread of its own.\n"
 "\n"
-"    eng = Engine()            # an epoll set, two eventfds, a thread (no GIL held)\n"
-"    eng.fileno() -> int       # eventfd: readable while handoffs() has entries\n"
-"    lid = eng.listen(fd)      # accept on this listening TCP socket (dup()ed; made non-blocking);\n"
-"                              # until set_target, every accepted connection is handed off\n"
-"    eng.set_target(lid, family, host, port, netns_fd=-1)\n"
-"                              # connect accepted clients to host:port (a numeric literal of family\n"
-"                              # AF_INET/AF_INET6), the tail socket made in netns_fd (dup()ed;\n"
-"                              # -1: the engine's own namespace); applied when it returns\n"
-"    eng.clear_target(lid)     # back to handing every connection off\n"
-"    eng.relay(lid, client_fd, tail_fd)\n"
-"                              # relay a connected pair; on success the engine owns both fds (detach()\n"
-"                              # the sockets), on an exception Python still does. Counted in\n"
-"                              # stats(lid) as open (not in total: it was counted when accepted)\n"
-"    eng.handoffs() -> [(lid, client_fd, err)]\n"
-"                              # drains the queue and resets fileno(); Python owns client_fd.\n"
-"                              # err 0: no target; else the errno of the engine's connect\n"
-"                              # (ECONNREFUSED, ETIMEDOUT after 5 s, ...)\n"
-"    eng.stats(lid) -> (open, total, bytes_in, bytes_out)  # bytes_in: client -> tail\n"
-"    eng.unlisten(lid)         # stop accepting, reset lid's connections (and its handoffs not\n"
-"                              # taken yet), forget lid; returns once done\n"
-"    eng.close()               # unlisten all, join the thread, close everything; idempotent\n"
+"eng = Engine()          an epoll set, two eventfds and a thread (that never holds the GIL)\n"
+"eng.fileno() -> int     an eventfd, readable while handoffs() has entries\n"
+"eng.listen(fd) -> lid   accept on this listening TCP socket (dup()ed, made non-blocking);\n"
+"                        until set_target, every accepted connection is handed off\n"
+"eng.set_target(lid, family, host, port, netns_fd=-1)\n"
+"                        connect each accepted client to host:port (a numeric AF_INET or\n"
+"                        AF_INET6 literal), the tail socket made in netns_fd (dup()ed; -1:\n"
+"                        the engine's namespace); in force when it returns\n"
+"eng.clear_target(lid)   hand every accepted connection off again\n"
+"eng.relay(lid, client_fd, tail_fd)  relay a connected pair; once it returns the engine owns\n"
+"                        both fds (detach() the sockets); after an exception Python still does.\n"
+"                        Counted in stats(lid) as open (total counted it when accepted)\n"
+"eng.handoffs() -> [(lid, client_fd, err)]  drains the queue and resets fileno(); Python owns\n"
+"                        client_fd. err 0: no target; else the errno of the engine's connect\n"
+"                        (ECONNREFUSED, ETIMEDOUT after CONNECT_TIMEOUT_MS, ...)\n"
+"eng.stats(lid) -> (open, total, bytes client->tail, bytes tail->client)\n"
+"eng.unlisten(lid)       stop accepting, reset lid's connections and its handoffs not taken,\n"
+"                        forget lid (stats too); returns once done\n"
+"eng.close()             unlisten all, join the thread, close everything; idempotent\n"
 "\n"
-"Relay semantics are wormholed.proxy.tcp's: back-pressure, half-close passed on as\n"
-"shutdown(SHUT_WR), resets passed on as resets. Errors: OSError for system calls,\n"
-"ValueError for an unknown lid or a closed engine.");
+"Relaying is wormholed.proxy.tcp's: back-pressure, half-close passed on as shutdown(SHUT_WR),\n"
+"resets as resets. OSError for failed system calls, ValueError for an unknown lid or a closed\n"
+"engine.");
 
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT, "wormholed._engine", module_doc, -1, NULL, NULL, NULL, NULL, NULL,
@@ -1100,9 +925,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     PyObject *m = PyModule_Create(&engine_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
-        PyModule_AddIntConstant(m, "CONNECT_TIMEOUT_MS", CONNECT_MS) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
+        PyModule_AddIntConstant(m, "CONNECT_TIMEOUT_MS", CONNECT_MS) < 0)
+        Py_CLEAR(m);
     return m;
 }
