@@ -364,7 +364,7 @@ static void on_conn(struct engine *e, struct conn *c, int s, uint32_t ev) {
     if (c->closed) return;
     if (c->connecting) { /* only the tail is registered */
         if (!(ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
-        int err = sock_error(c->fd[1]);
+        int err = ev & EPOLLOUT && !(ev & EPOLLERR) ? 0 : sock_error(c->fd[1]); /* a failure sets EPOLLERR */
         if (err) return connect_failed(e, c, err);
         connected(e, c);
         if (c->closed) return;
