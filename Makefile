@@ -11,7 +11,8 @@ all: install
 deps:
 	./scripts/install-deps test
 
-$(STAMP): pyproject.toml
+# setup.py and the engine's source: pip builds wormholed/_engine.c in place (editable install).
+$(STAMP): pyproject.toml setup.py wormholed/_engine.c
 	@python=$$(./scripts/find-python) && \
 	  { [ -x $(PY) ] || $$python -m venv $(VENV); }
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
@@ -37,10 +38,18 @@ functional: deps install
 
 # with-docker: a Docker engine (dockerd started when none answers, stopped after only if it
 # was started here) and the images of examples/images/ around the command.
+# The daemon relays TCP with the native engine unless WORMHOLE_ENGINE=python: every functional test
+# runs on the native one, and the daemon-level wormhole tests again on the Python one (the relay
+# tests, test_relay.py, cover both engines themselves).
+PY_ENGINE_TESTS := functional_tests/test_wormholes.py functional_tests/test_remote.py
+
 test: deps install
 	@t0=$$(date +%s); $(PY) -m pytest -q unit_tests && echo "[make test] unit: $$(( $$(date +%s) - t0 )) s"
+	@t0=$$(date +%s); $(MAKE) -s test-engine-asan && echo "[make test] engine under ASan/UBSan: $$(( $$(date +%s) - t0 )) s"
 	@t0=$$(date +%s); ./scripts/with-docker $(PY) -m pytest -q -m "not kernel" functional_tests \
 	    && echo "[make test] functional (this kernel): $$(( $$(date +%s) - t0 )) s"
+	@t0=$$(date +%s); WORMHOLE_ENGINE=python $(PY) -m pytest -q $(PY_ENGINE_TESTS) \
+	    && echo "[make test] wormhole tests on the Python engine: $$(( $$(date +%s) - t0 )) s"
 	@t0=$$(date +%s); ./scripts/lab-or-skip '$(LAB_WHAT)' '$(LAB_PYTEST) -m "kernel or lab" $(LAB_FILES)' \
 	    && echo "[make test] kernel lab: $$(( $$(date +%s) - t0 )) s"
 

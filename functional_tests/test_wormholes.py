@@ -28,6 +28,12 @@ def port_of(url):
     return int(url.rsplit(":", 1)[1])
 
 
+def test_the_daemon_relays_with_the_engine_asked_for(host):
+    """make test runs these tests twice: native engine (the default), then WORMHOLE_ENGINE=python."""
+    asked = os.environ.get("WORMHOLE_ENGINE", "native")
+    assert f"TCP engine: {asked}" in host.logs()
+
+
 def test_create_list_delete(host):
     host.echo_server(7000)
     ident, url = host.create("id", "web", "url", ":8000", "tail", "url", ":7000")
