@@ -17,6 +17,7 @@ import random
 import resource
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -295,6 +296,65 @@ def test_back_pressure_loses_nothing(setup):
     sender.start()
     assert recv_exactly(server, len(data)) == data
     sender.join()
+
+
+SPLICE_SHIM = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int refused;
+static int is_socket(int fd) { struct stat st; return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode); }
+ssize_t splice(int in, loff_t *a, int out, loff_t *b, size_t len, unsigned int flags) {
+    const char *side = getenv("REFUSE");
+    if (side && is_socket(strcmp(side, "in") == 0 ? in : out)) {
+        __atomic_fetch_add(&refused, 1, __ATOMIC_RELAXED);
+        errno = EINVAL;
+        return -1;
+    }
+    return syscall(SYS_splice, in, a, out, b, len, flags);
+}
+"""
+
+SPLICE_CHILD = """
+import ctypes, os, sys
+sys.path.insert(0, sys.argv[1])
+import test_engine as t
+eng = t._engine.Engine()
+s = t.Setup(eng)
+client, server = s.pair()
+for sock in (client, server):
+    sock.settimeout(30)
+t._pump_concurrently(client, server, os.urandom(8 << 20), os.urandom(8 << 20))
+client.sendall(b"small")
+assert t.recv_exactly(server, 5) == b"small"
+s.close()
+eng.close()
+print(ctypes.c_int.in_dll(ctypes.CDLL(sys.argv[2]), "refused").value)
+"""
+
+
+@pytest.mark.parametrize("side", ["in", "out"], ids=["socket to pipe", "pipe to socket"])
+def test_copy_mode_when_splice_refuses_the_fds(tmp_path, side):
+    """splice() EINVAL (an LD_PRELOAD shim says so for sockets): the bytes go by read/write, intact."""
+    shim = tmp_path / "splice_shim.so"
+    src = tmp_path / "splice_shim.c"
+    src.write_text(SPLICE_SHIM)
+    try:
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(src)], check=True,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no C compiler for the shim: {exc}")
+    env = dict(os.environ, REFUSE=side,
+               LD_PRELOAD=f"{os.environ.get('LD_PRELOAD', '')} {shim}".strip())
+    res = subprocess.run([sys.executable, "-c", SPLICE_CHILD, os.path.dirname(__file__), str(shim)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-1]) > 0  # splice was refused, and the engine copied instead
 
 
 # --------------------------------------------------------------------------
