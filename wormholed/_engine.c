@@ -492,6 +492,7 @@ static void run_command(struct engine *e, struct cmd *c) {
     switch (c->op) {
     case C_LISTEN:
         if ((c->err = listener_on(e, l)) == 0) l_add(&e->active, &l->active);
+        else close(l->fd), l->fd = -1;
         break;
     case C_TARGET:
     case C_CLEAR:
@@ -758,10 +759,13 @@ static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
     l_add(&e->table, &l->table);
     pthread_mutex_unlock(&e->mu);
     if (command(self, lid, &c, 0) != 0) {
-        pthread_mutex_lock(&e->mu);
-        l_del(&l->table);
-        pthread_mutex_unlock(&e->mu);
-        return close(l->fd), free(l), os_error(c.err);
+        if (!self->closed) { /* else a close() meanwhile took it from the table, to free it */
+            pthread_mutex_lock(&e->mu);
+            l_del(&l->table);
+            pthread_mutex_unlock(&e->mu);
+            free(l);
+        }
+        return os_error(c.err);
     }
     return PyLong_FromLong(lid);
 }
