@@ -621,6 +621,46 @@ def test_close_joins_the_thread_and_is_idempotent():
     assert engine_threads() == before
 
 
+def test_calls_from_many_threads_while_connections_flow(eng):
+    """listen/set_target/stats/unlisten from several threads at once, clients meanwhile, then close()."""
+    server = listening()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn():
+        try:
+            while not stop.is_set():
+                head = listening()
+                head.setblocking(False)
+                lid = eng.listen(head.fileno())
+                eng.set_target(lid, socket.AF_INET, LOCAL, server.getsockname()[1])
+                with contextlib.suppress(OSError), socket.create_connection(head.getsockname(), timeout=5) as c:
+                    c.sendall(b"x")
+                head.close()
+                eng.stats(lid)
+                eng.clear_target(lid)
+                eng.unlisten(lid)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    def drain():
+        server.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                server.accept()[0].close()
+
+    threads = [threading.Thread(target=churn) for _ in range(3)] + [threading.Thread(target=drain)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    server.close()
+    assert not errors, errors
+    eng.close()
+
+
 @pytest.fixture
 def many_fds():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
