@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import click
 
 from .addr import Address, AddressError
-from .client import connect
+from .client import call_once
 from .keys import DEFAULT_KEYFILE, KeyFileError, keygen, load_key
 from .protocol import RpcError
 from .spec import SpecError, parse, plan
@@ -52,13 +51,7 @@ class Ctx:
         self.addr, self.keyfile = addr, keyfile
 
     def call(self, method: str, params: dict | None = None):
-        key = load_key(self.keyfile)
-
-        async def go():
-            async with connect(self.addr, key) as client:
-                return await client.call(method, params)
-
-        return asyncio.run(go())
+        return call_once(self.addr, load_key(self.keyfile), method, params)
 
 
 def _addr(ctx, param, value):
@@ -88,9 +81,10 @@ def cli(ctx, addr, key_file):
 @click.pass_obj
 def ping(obj: Ctx, host):
     """Round trip to the daemon (or through it to HOST's daemon), in milliseconds."""
-    if host is None:
+    if host is None:  # from connecting to the answer: connection, TLS-PSK handshake, one round trip
+        key = load_key(obj.keyfile)
         start = time.perf_counter()
-        obj.call("ping")
+        call_once(obj.addr, key, "ping")
         ms = (time.perf_counter() - start) * 1000
     else:
         ms = obj.call("ping", {"host": host})["ms"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 
 from . import protocol
@@ -84,6 +85,54 @@ async def open_client(addr: Address, key: bytes, *, timeout: float = CONNECT_TIM
     return Client(addr, reader, writer)
 
 
+def _blocking_socket(addr: Address, timeout: float) -> socket.socket:
+    if addr.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection((addr.host or "127.0.0.1", addr.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def call_once(addr: Address, key: bytes, method: str, params: dict | None = None, *,
+              timeout: float = CONNECT_TIMEOUT, identity: str | None = None):
+    """One call on a fresh connection, with blocking sockets: what the CLI makes. No event loop
+    to build, and ssl's own socket I/O: a call costs the connection, the handshake and one
+    round trip. Errors as open_client's and Client.call's."""
+    ctx = client_context(key, identity)
+    try:
+        raw = _blocking_socket(addr, timeout)
+        try:
+            sock = ctx.wrap_socket(raw, server_hostname=None)  # the handshake, within the timeout
+        except BaseException:
+            raw.close()
+            raise
+    except TimeoutError:
+        raise Failed(f"cannot reach wormholed at {addr}: no answer within {timeout:g} s") from None
+    except (OSError, ssl.SSLError, EOFError) as e:
+        raise Failed(f"cannot reach wormholed at {addr}: {_reason(e)}") from None
+    with sock:
+        sock.settimeout(None)  # a create may take long (a trigger starting a container)
+        try:
+            sock.sendall(protocol.request(1, method, params))
+            framer = protocol.LineFramer()
+            while True:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise EOFError("the daemon closed the connection")
+                lines = framer.feed(data)
+                if lines:
+                    return protocol.parse_response(lines[0], 1)
+        except (OSError, EOFError, ssl.SSLError) as e:
+            raise Failed(f"lost the connection to wormholed at {addr}: {_reason(e)}") from None
+
+
 @contextlib.asynccontextmanager
 async def connect(addr: Address, key: bytes, **kw):
     client = await open_client(addr, key, **kw)
@@ -93,4 +142,4 @@ async def connect(addr: Address, key: bytes, **kw):
         await client.aclose()
 
 
-__all__ = ["Client", "connect", "open_client", "RpcError"]
+__all__ = ["Client", "call_once", "connect", "open_client", "RpcError"]
