@@ -1,16 +1,27 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of wormhole against other TCP proxies on loopback.
 
-Two measurements, each taken directly and through every proxy:
+Each measurement is taken directly and through every proxy (rows: direct, wormhole with
+its native engine, wormhole-python with WORMHOLE_ENGINE=python, systemd-socket-proxyd,
+haproxy, socat), the rates as the median of --repeat runs:
 
 * single-stream TCP throughput: iperf3 client -> [proxy] -> iperf3 server;
 * new connections per second: wrk with ``Connection: close`` (one TCP
-  connection per request) -> [proxy] -> nginx returning a 2-byte body.
+  connection per request) -> [proxy] -> nginx returning a 2-byte body, and the
+  proxy's CPU time per connection meanwhile;
+* keep-alive requests per second: wrk -c32 over kept-alive connections, same nginx;
+* idle connections: 8,000 connections held through the proxy to a target that
+  accepts and holds them (bench/loadgen.py), and what they cost: the proxy's RSS
+  and fds, and the kernel's slab memory, per connection;
+* UDP datagrams per second: 64-byte datagrams, 32 in flight, to a UDP echo
+  (direct, wormhole, socat);
+* ``wormhole ping`` against the row's daemon: p50 and p95.
 
-Then the tunnel table (bench/tunnel.py): iperf3 through a WireGuard tunnel between
-two network namespaces, built by ``wormhole tunnel-create`` and built by hand.
+Then the goals for the wormhole rows, and the tunnel table (bench/tunnel.py): iperf3
+through a WireGuard tunnel between two network namespaces, built by
+``wormhole tunnel-create`` and built by hand.
 
-Usage: bench/run.py [--duration S] [--only NAMES] [--json]
+Usage: bench/run.py [--duration S] [--repeat N] [--idle-conns N] [--only NAMES] [--json]
 
 Every process started here runs in its own process group and is killed when
 its ``with`` block ends (normally, on error, on Ctrl-C or on SIGTERM); the
@@ -23,14 +34,18 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
+import math
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import signal
 import socket
+import statistics
 import string
 import subprocess
 import sys
@@ -42,12 +57,24 @@ from typing import Callable, ContextManager, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 # Where wormhole and wormholed are; WORMHOLE_BENCH_BIN=DIR benches another build.
 WORMHOLE_BIN = Path(os.environ.get("WORMHOLE_BENCH_BIN") or ROOT / ".venv" / "bin")
+LOADGEN = Path(__file__).resolve().parent / "loadgen.py"  # idle target and client, UDP echo and client
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SETTLE = 0.5  # seconds between a listener's readiness and its measurement
-ROWS = ("direct", "wormhole", "systemd-socket-proxyd", "haproxy", "socat")
+ROWS = ("direct", "wormhole", "wormhole-python", "systemd-socket-proxyd", "haproxy", "socat")
+ENGINES = {"wormhole": "native", "wormhole-python": "python"}  # WORMHOLE_ENGINE of each wormhole row
 TUNNEL = "tunnel"  # the tunnel table (bench/tunnel.py), after the proxy rows
 NAMES = ROWS + (TUNNEL,)
 PROXY_TOOLS = ("iperf3", "wrk", "nginx", "haproxy", "socat", "systemd-socket-activate")
+
+REPEAT = 3  # runs per rate; the table shows their median
+KEEPALIVE_CONNS = 32  # wrk -c for the keep-alive rate
+IDLE_CONNS = 8000  # connections held for the idle-connection columns
+IDLE_PROBE = 200  # connections of the probe that finds a proxy's fds per connection
+IDLE_ROWS = ("direct", "wormhole", "wormhole-python", "systemd-socket-proxyd", "haproxy")  # socat forks per connection
+UDP_ROWS = ("direct", "wormhole", "socat")  # haproxy and proxyd relay TCP only; wormhole-python: same UDP relay
+UDP_WINDOW, UDP_SIZE = 32, 64  # datagrams in flight, bytes each
+UDP_SECONDS = 3.0  # per UDP run (at most --duration)
+PING_RUNS = 30
 
 
 class BenchError(Exception):
@@ -128,25 +155,119 @@ def parse_create_output(text: str) -> tuple[str, str, int]:
     return wid, m.group(1) or "127.0.0.1", int(m.group(2))
 
 
-@dataclasses.dataclass
-class Row:
-    name: str
-    bps: float | None = None  # iperf3 throughput, bits/s
-    conn_per_s: float | None = None  # wrk requests/s with one connection each
-    cpu_s_per_gb: float | None = None  # the proxy's CPU seconds per GB relayed (iperf3)
-    cpu_us_per_conn: float | None = None  # the proxy's CPU microseconds per connection (wrk)
-    error: str | None = None  # whole row unavailable (e.g. daemon did not start)
-    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # per column
+def parse_ping(text: str) -> float:
+    """``wormhole ping`` prints the round trip in milliseconds, e.g. "3.125"."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise BenchError(f"unexpected output of wormhole ping: {text.strip()[:80]!r}") from None
 
 
-def _ratio(value: float | None, anchor: float | None) -> str:
-    if value is None or not anchor:
-        return "n/a"
-    return f"{value / anchor:.2f}"
+def parse_udp_client(text: str) -> tuple[float, float | None]:
+    """Echoes per second from loadgen.py udp-client's JSON line, and the client's CPU seconds
+    per second meanwhile (near 1: the client, not the proxy, was the limit)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise BenchError(f"udp-client output is not JSON: {text.strip()[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise BenchError("udp-client output is not a JSON object")
+    if data.get("error"):
+        raise BenchError(f"udp-client: {data['error']}")
+    try:
+        received, seconds = int(data["received"]), float(data["seconds"])
+    except (KeyError, TypeError, ValueError):
+        raise BenchError("udp-client output has no received/seconds") from None
+    if seconds <= 0 or not received:
+        raise BenchError(f"no echo came back in {seconds:.1f} s")
+    cpu = data.get("client_cpu")
+    return received / seconds, float(cpu) if isinstance(cpu, (int, float)) else None
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
+def parse_status(text: str) -> dict[str, int]:
+    """A loadgen.py status line, "accepted 12 open 3" -> {"accepted": 12, "open": 3}."""
+    words = text.split()
+    if not words or len(words) % 2:
+        raise BenchError(f"unreadable status {text.strip()!r}")
+    try:
+        return {k: int(v) for k, v in zip(words[::2], words[1::2])}
+    except ValueError:
+        raise BenchError(f"unreadable status {text.strip()!r}") from None
+
+
+# Caches left out of the kernel's memory for idle connections: TIME_WAIT and SYN_RECV mini
+# sockets. An idle connection has neither; those of earlier runs or other work on the
+# machine come and go on timers of their own (TIME_WAIT: 60 s) and would be noise.
+SLAB_SKIP = re.compile(r"(tw_sock|request_sock)_")
+
+
+def parse_slabinfo(text: str) -> dict[str, int]:
+    """/proc/slabinfo (2.1) -> bytes in use per cache (active objects x object size).
+
+    /proc inodes are left out, with a dentry each: whoever lists /proc/PID/fd (a monitor,
+    lsof, ps) makes one of each per fd listed, which says nothing of what a connection costs
+    and would be counted against the proxy with the most fds."""
+    caches: dict[str, int] = {}
+    objects: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        if line.startswith(("slabinfo", "#")) or not line.strip():
+            continue
+        fields = line.split()
+        try:
+            name, active, size = fields[0], int(fields[1]), int(fields[3])
+        except (IndexError, ValueError):
+            raise BenchError(f"unreadable /proc/slabinfo line {line[:60]!r}") from None
+        objects[name] = (active, size)
+        if not SLAB_SKIP.match(name):
+            caches[name] = caches.get(name, 0) + active * size
+    if not caches:
+        raise BenchError("/proc/slabinfo lists no cache")
+    if "proc_inode_cache" in caches:
+        del caches["proc_inode_cache"]
+        if "dentry" in caches:
+            caches["dentry"] -= objects["proc_inode_cache"][0] * objects["dentry"][1]
+    return caches
+
+
+def parse_sockstat_tcp_mem(text: str) -> int:
+    """Pages the kernel counts for TCP socket buffers: ``mem`` of /proc/net/sockstat's TCP line."""
+    m = re.search(r"^TCP:.*\bmem ([0-9]+)", text, re.MULTILINE)
+    if not m:
+        raise BenchError("/proc/net/sockstat has no TCP mem")
+    return int(m.group(1))
+
+
+def parse_nofile_limit(text: str) -> int | None:
+    """The soft 'Max open files' of /proc/PID/limits (None: unlimited or not found)."""
+    m = re.search(r"^Max open files\s+(\S+)", text, re.MULTILINE)
+    return int(m.group(1)) if m and m.group(1).isdigit() else None
+
+
+def status_rss_kib(text: str) -> int:
+    """VmRSS of /proc/PID/status, in KiB (0 for a zombie)."""
+    m = re.search(r"^VmRSS:\s+([0-9]+) kB", text, re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
+def proc_pgrp(stat: str) -> int:
+    """The process group of a /proc/PID/stat line."""
+    return int(stat.rsplit(")", 1)[1].split()[2])
+
+
+def udp_bound(proc_net_udp: str, port: int) -> bool:
+    """Whether /proc/net/udp lists a socket bound to 127.0.0.1:PORT."""
+    want = (f"0100007F:{port:04X}", f"7F000001:{port:04X}")  # the address in host byte order
+    return any(line.split()[1:2] and line.split()[1] in want for line in proc_net_udp.splitlines()[1:])
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def proc_cpu_seconds(stat: str, ticks: int) -> float:
@@ -155,59 +276,307 @@ def proc_cpu_seconds(stat: str, ticks: int) -> float:
     return sum(int(f) for f in fields[11:15]) / ticks
 
 
-def format_table(rows: list[Row], header: str = "") -> str:
-    """The side-by-side table; ratios are against the 'direct' row."""
-    direct = next((r for r in rows if r.name == "direct"), None)
-    anchor_bps = direct.bps if direct and not direct.error else None
-    anchor_cps = direct.conn_per_s if direct and not direct.error else None
+@dataclasses.dataclass
+class Row:
+    name: str
+    bps: float | None = None  # iperf3 throughput, bits/s
+    conn_per_s: float | None = None  # wrk requests/s with one connection each
+    cpu_s_per_gb: float | None = None  # the proxy's CPU seconds per GB relayed (iperf3)
+    cpu_us_per_conn: float | None = None  # the proxy's CPU microseconds per connection (wrk)
+    keepalive_per_s: float | None = None  # wrk requests/s over KEEPALIVE_CONNS kept-alive connections
+    idle_conns: int | None = None  # connections held for the idle columns
+    idle_proc_kib: float | None = None  # the proxy's RSS growth per idle connection
+    idle_kernel_kib: float | None = None  # kernel growth per idle connection, less direct's (direct: its own)
+    idle_fds: float | None = None  # the proxy's fd count growth per idle connection
+    udp_per_s: float | None = None  # UDP echoes per second
+    ping_ms: list[float] = dataclasses.field(default_factory=list)  # wormhole ping round trips
+    error: str | None = None  # whole row unavailable (e.g. daemon did not start)
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # per column
+    samples: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # every run, for --json
+    idle_caches: dict[str, float] = dataclasses.field(default_factory=dict)  # slab growth per conn, bytes
+
+    @property
+    def idle_kib(self) -> float | None:
+        """KiB per idle connection: the proxy's and the kernel's (none for direct)."""
+        if self.name == "direct" or self.idle_proc_kib is None or self.idle_kernel_kib is None:
+            return None
+        return self.idle_proc_kib + self.idle_kernel_kib
+
+    @property
+    def ping_p50(self) -> float | None:
+        return percentile(self.ping_ms, 50) if self.ping_ms else None
+
+    @property
+    def ping_p95(self) -> float | None:
+        return percentile(self.ping_ms, 95) if self.ping_ms else None
+
+    def add(self, key: str, value: float | None) -> None:
+        if value is not None:
+            self.samples.setdefault(key, []).append(value)
+
+    def settle(self) -> None:
+        """Each rate (and the CPU per unit) is the median of its runs."""
+        for key in ("bps", "conn_per_s", "cpu_s_per_gb", "cpu_us_per_conn", "keepalive_per_s", "udp_per_s"):
+            if self.samples.get(key):
+                setattr(self, key, median(self.samples[key]))
+
+
+def _fmt(value: float | None, fmt: str, missing: str = "-") -> str:
+    return missing if value is None else fmt.format(value)
+
+
+def ratio(value: float | None, anchor: float | None) -> float | None:
+    return None if value is None or not anchor else value / anchor
+
+
+@dataclasses.dataclass(frozen=True)
+class Col:
+    """A column of a side-by-side table: its head, width, the value of a row, and the
+    key of the row's notes that puts a footnote marker in its cells."""
+
+    head: str
+    width: int
+    get: Callable[[Row], float | None]
+    fmt: str = "{:.0f}"
+    note: str | None = None
+    group: str = ""  # a heading over consecutive columns of the same group
+    missing: str = "-"  # a cell without a value (and without a note)
+
+
+def _ratio_col(get: Callable[[Row], float | None], anchor: Row | None, head: str = "ratio",
+               group: str = "", width: int = 6) -> Col:
+    value = None if anchor is None or anchor.error else get(anchor)
+    return Col(head, width, lambda r: ratio(get(r), value), "{:.2f}", group=group, missing="n/a")
+
+
+def format_columns(rows: list[Row], cols: list[Col], header: str = "") -> str:
+    """One side-by-side table: a line per row, a footnote per noted cell."""
     width = max([len("proxy")] + [len(r.name) for r in rows])
-    cols = (f"{'throughput Gbit/s':>18} {'ratio':>6} {'conn/s':>9} {'ratio':>6}"
-            f" {'CPU s/GB':>9} {'CPU us/conn':>12}")
     lines = [header] if header else []
-    lines.append(f"{'proxy':<{width}}  {cols}")
-    lines.append("-" * (width + 2 + len(cols)))
+    if any(c.group for c in cols):
+        groups, i = [], 0
+        while i < len(cols):
+            j = i
+            while j < len(cols) and cols[j].group == cols[i].group:
+                j += 1
+            span = sum(c.width + 1 for c in cols[i:j]) - 1
+            groups.append(f"{cols[i].group:^{span}}")
+            i = j
+        lines.append(f"{'':<{width}}  " + " ".join(groups).rstrip())
+    heads = " ".join(f"{c.head:>{c.width}}" for c in cols)
+    lines.append(f"{'proxy':<{width}}  {heads}")
+    lines.append("-" * (width + 2 + len(heads)))
     footnotes: list[str] = []
     for row in rows:
         if row.error:
             lines.append(f"{row.name:<{width}}  n/a ({row.error})")
             continue
         cells = []
-        for key, value, anchor, fmt, w in (
-            ("throughput", row.bps and row.bps / 1e9, anchor_bps and anchor_bps / 1e9, "{:.2f}", 18),
-            ("conn/s", row.conn_per_s, anchor_cps, "{:.0f}", 9),
-        ):
-            if value is None:
-                text = "n/a"
-            else:
-                text = fmt.format(value)
-            if key in row.notes:
-                footnotes.append(f"{row.name} {key}: {row.notes[key]}")
+        for c in cols:
+            value = c.get(row)
+            text = _fmt(value, c.fmt, "n/a" if c.note in row.notes else c.missing)
+            if c.note in row.notes:
+                footnotes.append(f"{row.name} {c.note}: {row.notes[c.note]}")
                 text += f" [{len(footnotes)}]"
-            cells.append(f"{text:>{w}} {_ratio(value, anchor):>6}")
-        cpu = (f"{_num(row.cpu_s_per_gb, '{:.3f}'):>9} {_num(row.cpu_us_per_conn, '{:.0f}'):>12}")
-        lines.append(f"{row.name:<{width}}  {cells[0]} {cells[1]} {cpu}")
-    for i, note in enumerate(footnotes, 1):
-        lines.append(f"[{i}] {note}")
+            cells.append(f"{text:>{c.width}}")
+        lines.append(f"{row.name:<{width}}  " + " ".join(cells))
+    lines += [f"[{i}] {note}" for i, note in enumerate(footnotes, 1)]
     return "\n".join(lines)
 
 
+def _anchor(rows: list[Row], name: str) -> Row | None:
+    return next((r for r in rows if r.name == name and not r.error), None)
+
+
+def tcp_table(rows: list[Row], header: str = "") -> str:
+    """Throughput, conn/s with the proxy's CPU, keep-alive: ratios to direct."""
+    d = _anchor(rows, "direct")
+    gbps = lambda r: r.bps and r.bps / 1e9  # noqa: E731
+    return format_columns(rows, [
+        Col("throughput Gbit/s", 18, gbps, "{:.2f}", "throughput"), _ratio_col(gbps, d),
+        Col("conn/s", 9, lambda r: r.conn_per_s, note="conn/s"), _ratio_col(lambda r: r.conn_per_s, d),
+        Col("CPU s/GB", 9, lambda r: r.cpu_s_per_gb, "{:.3f}"),
+        Col("CPU us/conn", 12, lambda r: r.cpu_us_per_conn),
+        Col("keep-alive req/s", 17, lambda r: r.keepalive_per_s, note="keep-alive"),
+        _ratio_col(lambda r: r.keepalive_per_s, d),
+    ], header)
+
+
+def idle_table(rows: list[Row], header: str = "") -> str:
+    """Idle connections, UDP, ping."""
+    d = _anchor(rows, "direct")
+    return format_columns(rows, [
+        Col("idle KiB/conn", 14, lambda r: r.idle_kib, "{:.1f}", "idle"),
+        Col("process", 8, lambda r: r.idle_proc_kib, "{:.1f}"),
+        Col("kernel", 7, lambda r: r.idle_kernel_kib, "{:.1f}"),
+        Col("fds/conn", 9, lambda r: r.idle_fds, "{:.2f}"),
+        Col("UDP dgram/s", 12, lambda r: r.udp_per_s, note="UDP"), _ratio_col(lambda r: r.udp_per_s, d),
+        Col("ping p50 ms", 12, lambda r: r.ping_p50, "{:.1f}", "ping"),
+        Col("p95 ms", 7, lambda r: r.ping_p95, "{:.1f}"),
+    ], header)
+
+
+def ratio_table(rows: list[Row], header: str = "") -> str:
+    """The rates against systemd-socket-proxyd and haproxy (and UDP against socat)."""
+    pxd, hap, soc = (_anchor(rows, n) for n in ("systemd-socket-proxyd", "haproxy", "socat"))
+    cols = []
+    for group, get in (("throughput", lambda r: r.bps), ("conn/s", lambda r: r.conn_per_s),
+                       ("keep-alive req/s", lambda r: r.keepalive_per_s)):
+        cols += [_ratio_col(get, pxd, "/proxyd", group, 8), _ratio_col(get, hap, "/haproxy", group, 9)]
+    cols.append(_ratio_col(lambda r: r.cpu_us_per_conn, hap, "/haproxy", "CPU us/conn", 11))
+    cols.append(_ratio_col(lambda r: r.udp_per_s, soc, "/socat", "UDP", 7))
+    return format_columns(rows, cols, header)
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    label: str
+    judge: Callable[[Row, dict[str, Row]], tuple[str, bool | None] | None]  # None: no figure
+
+
+def _ratio_goal(get: Callable[[Row], float | None], anchor: str, at_least: float):
+    def judge(row: Row, by: dict[str, Row]):
+        a = by.get(anchor)
+        r = ratio(get(row), get(a) if a else None)
+        if r is None:
+            return None
+        r = round(r, 2)  # judged as shown
+        return f"{r:.2f}x", r >= at_least
+    return judge
+
+
+def _at_most(get: Callable[[Row], float | None], limit: float, fmt: str):
+    def judge(row: Row, by: dict[str, Row]):
+        v = get(row)
+        if v is None:
+            return None
+        shown = fmt.format(v)
+        return shown, float(shown) <= limit
+    return judge
+
+
+def _cpu_goal(row: Row, by: dict[str, Row]):
+    h = by.get("haproxy")
+    if row.cpu_us_per_conn is None or h is None or h.cpu_us_per_conn is None:
+        return None
+    w, a = round(row.cpu_us_per_conn), round(h.cpu_us_per_conn)
+    return f"{w} vs {a}", w <= a
+
+
+def _udp_figure(row: Row, by: dict[str, Row]):
+    if row.name not in UDP_ROWS:
+        return "-", None  # the same UDP relay as the wormhole row
+    s = by.get("socat")
+    r = ratio(row.udp_per_s, s.udp_per_s if s else None)
+    if row.udp_per_s is None:
+        return None
+    return (f"{row.udp_per_s:.0f}" + ("" if r is None else f" = {r:.2f}x socat")), None
+
+
+GOALS = (
+    Goal("conn/s >= 1.0x haproxy", _ratio_goal(lambda r: r.conn_per_s, "haproxy", 1.0)),
+    Goal("CPU us/conn <= haproxy's", _cpu_goal),
+    Goal("keep-alive req/s >= 1.2x haproxy", _ratio_goal(lambda r: r.keepalive_per_s, "haproxy", 1.2)),
+    Goal("idle KiB/conn (process + kernel) <= 8", _at_most(lambda r: r.idle_kib, 8, "{:.1f}")),
+    Goal("idle fds/conn <= 2", _at_most(lambda r: r.idle_fds, 2, "{:.2f}")),
+    Goal("throughput >= 0.75x direct", _ratio_goal(lambda r: r.bps, "direct", 0.75)),
+    Goal("throughput >= 1.0x systemd-socket-proxyd", _ratio_goal(lambda r: r.bps, "systemd-socket-proxyd", 1.0)),
+    Goal("wormhole ping p50 <= 5 ms", _at_most(lambda r: r.ping_p50, 5, "{:.1f}")),
+    Goal("UDP dgram/s (no goal yet)", _udp_figure),
+)
+
+
+def judge_goals(rows: list[Row]) -> list[tuple[str, dict[str, tuple[str, bool | None] | None]]]:
+    """For each goal, each wormhole row's figure and whether it meets the goal (None: no goal)."""
+    by = {r.name: r for r in rows if not r.error}
+    ours = [r for r in rows if r.name in ENGINES]
+    return [(g.label, {r.name: (None if r.error else g.judge(r, by)) for r in ours}) for g in GOALS]
+
+
+def goals_table(rows: list[Row], header: str = "") -> str:
+    judged = judge_goals(rows)
+    names = [r.name for r in rows if r.name in ENGINES]
+    if not names:
+        return ""
+    width = max(len(label) for label, _ in judged)
+    cw = [max(len(n), 20) for n in names]
+    lines = [header] if header else []
+    heads = " ".join(f"{n:>{w}}" for n, w in zip(names, cw))
+    lines.append(f"{'goal':<{width}}  {heads}")
+    lines.append("-" * (width + 2 + len(heads)))
+    for label, cells in judged:
+        texts = []
+        for n, w in zip(names, cw):
+            cell = cells[n]
+            text = "n/a" if cell is None else cell[0] + {True: " ok", False: " MISS", None: ""}[cell[1]]
+            texts.append(f"{text:>{w}}")
+        lines.append(f"{label:<{width}}  " + " ".join(texts))
+    return "\n".join(lines)
+
+
+def format_table(rows: list[Row], header: str = "") -> str:
+    """Every table of the proxy rows: TCP, idle/UDP/ping, ratios, goals."""
+    conns = max((r.idle_conns or 0 for r in rows), default=0) or IDLE_CONNS
+    pings = max((len(r.ping_ms) for r in rows), default=0) or PING_RUNS
+    idle_header = IDLE_HEADER.format(conns=f"{conns:,}", size=UDP_SIZE, window=UDP_WINDOW, pings=pings)
+    parts = [tcp_table(rows, header + TCP_HEADER), idle_table(rows, idle_header),
+             ratio_table(rows, RATIO_HEADER)]
+    goals = goals_table(rows, GOALS_HEADER)
+    if goals:
+        parts.append(goals)
+    return "\n\n".join(parts)
+
+
+TCP_HEADER = ("throughput: iperf3, 1 TCP stream; conn/s: wrk -t1 -c50, Connection: close, nginx 'return 200'; "
+              "CPU: the proxy's, per GB and per connection;\nkeep-alive: wrk -t1 -c32, kept-alive "
+              "connections, same nginx; each rate the median of the runs; ratio: to direct\n")
+IDLE_HEADER = ("idle: {conns} connections held through the proxy to an idle target; per connection: the proxy's "
+               "RSS (process),\nthe kernel's slab objects less direct's (kernel; direct: the client's and the "
+               "target's sockets) and the proxy's fds;\nUDP: {size}-byte datagrams, {window} in flight, echoed; "
+               "ping: `wormhole ping` to the row's daemon, {pings} runs; ratio: to direct\n")
+RATIO_HEADER = "ratios to systemd-socket-proxyd and haproxy (and UDP to socat), same run\n"
+GOALS_HEADER = "goals of the wormhole rows (ok/MISS)\n"
+
+
 def rows_to_json(rows: list[Row], meta: dict, tunnel: dict | None = None) -> str:
-    direct = next((r for r in rows if r.name == "direct" and not r.error), None)
+    by = {r.name: r for r in rows if not r.error}
+
+    def ratios(get):
+        return {a: ratio(get(r), get(by[a])) if a in by else None
+                for a in ("direct", "systemd-socket-proxyd", "haproxy")}
     out = []
     for r in rows:
+        direct = by.get("direct")
         out.append({
             "name": r.name,
             "throughput_bps": r.bps,
-            "throughput_ratio": r.bps / direct.bps if direct and direct.bps and r.bps is not None else None,
+            "throughput_ratio": ratio(r.bps, direct.bps) if direct else None,
             "conn_per_s": r.conn_per_s,
-            "conn_ratio": (r.conn_per_s / direct.conn_per_s
-                           if direct and direct.conn_per_s and r.conn_per_s is not None else None),
+            "conn_ratio": ratio(r.conn_per_s, direct.conn_per_s) if direct else None,
             "cpu_s_per_gb": r.cpu_s_per_gb,
             "cpu_us_per_conn": r.cpu_us_per_conn,
+            "keepalive_per_s": r.keepalive_per_s,
+            "ratios": {"throughput": ratios(lambda x: x.bps), "conn_per_s": ratios(lambda x: x.conn_per_s),
+                       "keepalive_per_s": ratios(lambda x: x.keepalive_per_s)},
+            "idle_connections": r.idle_conns,
+            "idle_kib_per_conn": r.idle_kib,
+            "idle_process_kib_per_conn": r.idle_proc_kib,
+            "idle_kernel_kib_per_conn": r.idle_kernel_kib,
+            "idle_fds_per_conn": r.idle_fds,
+            "idle_slab_bytes_per_conn": r.idle_caches,
+            "udp_dgram_per_s": r.udp_per_s,
+            "udp_ratio_socat": ratio(r.udp_per_s, by["socat"].udp_per_s) if "socat" in by else None,
+            "ping_p50_ms": r.ping_p50,
+            "ping_p95_ms": r.ping_p95,
+            "ping_ms": r.ping_ms,
+            "samples": r.samples,
             "error": r.error,
             "notes": r.notes,
         })
-    doc = {**meta, "rows": out}
+    goals = [{"goal": label, "rows": {n: (None if c is None else {"figure": c[0], "ok": c[1]})
+                                      for n, c in cells.items()}}
+             for label, cells in judge_goals(rows)]
+    doc = {**meta, "rows": out, "goals": goals}
     if tunnel is not None:
         doc["tunnel"] = tunnel
     return json.dumps(doc, indent=2)
@@ -251,11 +620,13 @@ class Proc:
     """A background process in its own process group, killed on exit.
 
     Output goes to LOGDIR/NAME.log; ``tail()`` gives its end for error messages.
+    ``env`` adds to (or overrides) this process's environment.
     """
 
-    def __init__(self, name: str, argv: list[str], logdir: Path):
+    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None):
         self.name, self.argv = name, [str(a) for a in argv]
         self.log = logdir / f"{name}.log"
+        self.env = {**os.environ, **env} if env else None
         self.popen: subprocess.Popen | None = None
 
     def __enter__(self) -> "Proc":
@@ -264,6 +635,7 @@ class Proc:
                 self.popen = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,  # own group: Ctrl-C reaches us, we stop it
+                    env=self.env,
                 )
             except OSError as exc:
                 raise BenchError(f"cannot start {self.argv[0]}: {exc.strerror}") from None
@@ -317,6 +689,20 @@ def wait_listening(port: int, proc: Proc | None = None, timeout: float = 10.0) -
         time.sleep(0.05)
 
 
+def wait_udp_bound(port: int, proc: Proc | None = None, timeout: float = 10.0) -> None:
+    """Poll /proc/net/udp until a socket is bound to 127.0.0.1:PORT."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and not proc.alive():
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode}: {proc.tail()}")
+        with open("/proc/net/udp") as f:
+            if udp_bound(f.read(), port):
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"nothing bound to UDP port {port} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def run_tool(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run a client tool in the foreground (killed by subprocess.run on Ctrl-C/timeout)."""
     try:
@@ -326,6 +712,25 @@ def run_tool(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         raise BenchError(f"{argv[0]} did not finish within {timeout:.0f} s") from None
     except OSError as exc:
         raise BenchError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+def raise_nofile() -> int:
+    """RLIMIT_NOFILE for this process and everything it starts: as high as allowed (the hard
+    limit goes up only with CAP_SYS_RESOURCE); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(hard, 4 * IDLE_CONNS + 4096)
+    for limits in ((want, want), (hard, hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def max_conns() -> int:
+    """The connection limit configured in haproxy and proxyd: what 2 fds each leave room for."""
+    return max(1000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200) // 2)
 
 
 # --------------------------------------------------------------------------
@@ -349,6 +754,7 @@ error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    keepalive_requests 1000000;  # keep-alive runs: one connection for the whole run
     client_body_temp_path {tmp}/nginx-body;
     proxy_temp_path {tmp}/nginx-proxy;
     fastcgi_temp_path {tmp}/nginx-fastcgi;
@@ -370,6 +776,51 @@ def nginx_server(tmp: Path) -> Iterator[int]:
     argv = ["nginx", "-p", tmp, "-c", conf, "-e", tmp / "nginx-error.log"]
     with Proc("nginx", argv, tmp) as p:
         wait_listening(port, p)
+        yield port
+
+
+def read_status(path: Path) -> dict[str, int]:
+    try:
+        return parse_status(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class IdleTarget:
+    port: int
+    status: Path  # "accepted A open O"
+    proc: Proc
+
+    def wait(self, what: str, done: Callable[[dict[str, int]], bool], timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = read_status(self.status)
+            if st and done(st):
+                return st
+            if not self.proc.alive():
+                raise BenchError(f"the idle target exited: {self.proc.tail(1)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what} within {timeout:.0f} s (target: {st})")
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def idle_target(tmp: Path) -> Iterator[IdleTarget]:
+    port = free_port()
+    status = tmp / "idle-target.status"
+    with Proc("idle-target", [sys.executable, LOADGEN, "idle-target", port, status], tmp) as p:
+        wait_listening(port, p)
+        target = IdleTarget(port, status, p)
+        target.wait("the idle target's readiness probe was not closed", lambda st: st["open"] == 0, 10)
+        yield target
+
+
+@contextlib.contextmanager
+def udp_echo(tmp: Path) -> Iterator[int]:
+    port = free_port()
+    with Proc("udp-echo", [sys.executable, LOADGEN, "udp-echo", port], tmp) as p:
+        wait_udp_bound(port, p)
         yield port
 
 
@@ -405,9 +856,10 @@ def _iperf3_once(port: int, duration: float) -> float:
         raise
 
 
-def measure_conn_rate(port: int, duration: float) -> WrkResult:
-    argv = ["wrk", "-t1", "-c50", f"-d{duration:g}s", "-H", "Connection: close",
-            f"http://127.0.0.1:{port}/"]
+def measure_wrk(port: int, duration: float, connections: int, close: bool) -> WrkResult:
+    """wrk -t1 -cN: with ``Connection: close`` a new connection per request, else kept alive."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s",
+            *(["-H", "Connection: close"] if close else []), f"http://127.0.0.1:{port}/"]
     res = run_tool(argv, timeout=duration + 30)
     if res.returncode != 0:
         out = (res.stderr.strip() or res.stdout.strip())[-200:]
@@ -418,8 +870,20 @@ def measure_conn_rate(port: int, duration: float) -> WrkResult:
     return result
 
 
+def measure_conn_rate(port: int, duration: float) -> WrkResult:
+    return measure_wrk(port, duration, 50, close=True)
+
+
+def measure_udp(port: int, seconds: float) -> tuple[float, float | None]:
+    res = run_tool([sys.executable, str(LOADGEN), "udp-client", str(port), f"{seconds:g}",
+                    str(UDP_WINDOW), str(UDP_SIZE)], timeout=seconds + 30)
+    if res.returncode != 0:
+        raise BenchError(f"udp-client exited with {res.returncode}: {res.stderr.strip()[-200:]}")
+    return parse_udp_client(res.stdout)
+
+
 # --------------------------------------------------------------------------
-# Proxies: each is a context manager (tmp, target_port) -> listening port
+# Proxies: each is a context manager (tmp, target_port) -> (listening port, the proxy's pid)
 
 
 @contextlib.contextmanager
@@ -428,9 +892,10 @@ def direct(tmp: Path, target: int) -> Iterator[tuple[int, int | None]]:
 
 
 @contextlib.contextmanager
-def socket_proxyd(tmp: Path, target: int) -> Iterator[int]:
+def socket_proxyd(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
     port = free_port()
-    argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", PROXYD, f"127.0.0.1:{target}"]
+    argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", PROXYD,
+            f"--connections-max={max_conns()}", f"127.0.0.1:{target}"]
     with Proc(f"socket-proxyd-{target}", argv, tmp) as p:
         wait_listening(port, p)
         yield port, p.popen.pid
@@ -438,12 +903,14 @@ def socket_proxyd(tmp: Path, target: int) -> Iterator[int]:
 
 HAPROXY_CFG = """\
 global
-    maxconn 8000
+    # Enough for the idle connections: 2 fds each within RLIMIT_NOFILE.
+    maxconn {maxconn}
     # One thread, like the other proxies here (socat forks, proxyd and the
-    # wormhole daemon are single-threaded); HAProxy would otherwise use every CPU.
+    # wormhole daemon relay on one thread); HAProxy would otherwise use every CPU.
     nbthread 1
 defaults
     mode tcp
+    maxconn {maxconn}
     timeout connect 5s
     timeout client 60s
     timeout server 60s
@@ -456,17 +923,17 @@ backend be
 
 
 @contextlib.contextmanager
-def haproxy(tmp: Path, target: int) -> Iterator[int]:
+def haproxy(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
     port = free_port()
     cfg = tmp / f"haproxy-{target}.cfg"
-    cfg.write_text(HAPROXY_CFG.format(port=port, target=target))
+    cfg.write_text(HAPROXY_CFG.format(port=port, target=target, maxconn=max_conns()))
     with Proc(f"haproxy-{target}", ["haproxy", "-f", cfg, "-db"], tmp) as p:
         wait_listening(port, p)
         yield port, p.popen.pid
 
 
 @contextlib.contextmanager
-def socat(tmp: Path, target: int) -> Iterator[int]:
+def socat(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
     port = free_port()
     argv = ["socat", f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"TCP:127.0.0.1:{target}"]
     with Proc(f"socat-{target}", argv, tmp) as p:
@@ -474,18 +941,30 @@ def socat(tmp: Path, target: int) -> Iterator[int]:
         yield port, p.popen.pid
 
 
-class Wormhole:
-    """A wormholed for the wormhole row, driven through the wormhole CLI."""
+@contextlib.contextmanager
+def socat_udp(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
+    port = free_port()
+    argv = ["socat", f"UDP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"UDP:127.0.0.1:{target}"]
+    with Proc(f"socat-udp-{target}", argv, tmp) as p:
+        wait_udp_bound(port, p)
+        yield port, p.popen.pid
 
-    def __init__(self, tmp: Path):
-        self.tmp = tmp / "wormhole"
-        self.tmp.mkdir()
+
+class Wormhole:
+    """A wormholed for a wormhole row, driven through the wormhole CLI; ``engine`` is its
+    WORMHOLE_ENGINE (native or python)."""
+
+    def __init__(self, tmp: Path, engine: str = "native"):
+        self.engine = engine
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"wormhole-{engine}-", dir=tmp))
         self.key = self.tmp / "key.secret"
         self.sock = self.tmp / "ctl.sock"
+        self.ctl_port = free_port()  # for ping: TCP, as `wormhole ping` reaches a daemon by default
         self.proc: Proc | None = None
 
-    def cli(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:
-        argv = [str(WORMHOLE_BIN / "wormhole"), "-H", f"unix://{self.sock}", "-K", str(self.key), *args]
+    def cli(self, *args: str, timeout: float = 15, tcp: bool = False) -> subprocess.CompletedProcess:
+        addr = f"127.0.0.1:{self.ctl_port}" if tcp else f"unix://{self.sock}"
+        argv = [str(WORMHOLE_BIN / "wormhole"), "-H", addr, "-K", str(self.key), *args]
         return run_tool(argv, timeout)
 
     def __enter__(self) -> "Wormhole":
@@ -494,9 +973,9 @@ class Wormhole:
         with os.fdopen(fd, "w") as f:
             f.write("".join(secrets.choice(alphabet) for _ in range(32)))
         os.chmod(self.key, 0o600)
-        argv = [WORMHOLE_BIN / "wormholed", "-H", f"unix://{self.sock}", "-K", self.key,
-                "--state-dir", self.tmp / "state"]
-        self.proc = Proc("wormholed", argv, self.tmp).__enter__()
+        argv = [WORMHOLE_BIN / "wormholed", "-H", f"unix://{self.sock}", "-H", f"tcp://127.0.0.1:{self.ctl_port}",
+                "-K", self.key, "--state-dir", self.tmp / "state"]
+        self.proc = Proc("wormholed", argv, self.tmp, env={"WORMHOLE_ENGINE": self.engine}).__enter__()
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -504,12 +983,17 @@ class Wormhole:
                     raise BenchError(f"wormholed exited with {self.proc.popen.returncode}: "
                                      f"{self.proc.tail(1)}")
                 if self.sock.exists() and self.cli("ping", timeout=5).returncode == 0:
-                    return self
+                    break
                 if time.monotonic() > deadline:
                     tail = self.proc.tail(1)
                     raise BenchError("wormholed did not answer ping within 10 s"
                                      + (f" ({tail})" if tail else ""))
                 time.sleep(0.1)
+            m = re.search(r"TCP engine: (\w+)", self.proc.log.read_text(errors="replace"))
+            if m and m.group(1) != self.engine:
+                raise BenchError(f"wormholed runs the {m.group(1)} engine, not {self.engine}: "
+                                 f"{self.proc.tail(1)}")
+            return self
         except BaseException:
             self.proc.stop()
             raise
@@ -519,25 +1003,76 @@ class Wormhole:
             self.proc.stop()  # SIGTERM, then SIGKILL after 5 s
 
     @contextlib.contextmanager
-    def proxy(self, tmp: Path, target: int) -> Iterator[int]:
+    def proxy(self, tmp: Path, target: int, proto: str = "tcp") -> Iterator[tuple[int, int]]:
         port = free_port()
-        res = self.cli("create", "url", f"127.0.0.1:{port}", "tail", "url", f"127.0.0.1:{target}")
+        res = self.cli("create", "url", f"{proto}://127.0.0.1:{port}", "tail", "url", f"{proto}://127.0.0.1:{target}")
         if res.returncode != 0:
             raise BenchError(f"wormhole create failed: {(res.stderr or res.stdout).strip()[-200:]}")
         wid, _host, port = parse_create_output(res.stdout)
         try:
-            wait_listening(port, self.proc)
+            (wait_udp_bound if proto == "udp" else wait_listening)(port, self.proc)
             yield port, self.proc.popen.pid
         finally:
             with contextlib.suppress(BenchError):
                 self.cli("delete", wid)
+
+    def ping(self, runs: int) -> list[float]:
+        """`wormhole ping` RUNS times over TCP: the round trips it prints, in ms."""
+        out = []
+        for _ in range(runs):
+            res = self.cli("ping", tcp=True)
+            if res.returncode != 0:
+                raise BenchError(f"wormhole ping failed: {(res.stderr or res.stdout).strip()[-200:]}")
+            out.append(parse_ping(res.stdout))
+        return out
+
+
+Proxy = Callable[[Path, int], ContextManager[tuple[int, int | None]]]  # (port, pid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a row measures through: its TCP proxy, its UDP proxy (None: it relays TCP only,
+    or its UDP relay is another row's), its wormhole daemon (wormhole rows)."""
+
+    tcp: Proxy
+    udp: Proxy | None = None
+    daemon: Wormhole | None = None
+
+
+PLAIN = {
+    "direct": Setup(direct, direct),
+    "systemd-socket-proxyd": Setup(socket_proxyd),
+    "haproxy": Setup(haproxy),
+    "socat": Setup(socat, socat_udp),
+}
+
+
+@contextlib.contextmanager
+def setup(name: str, tmp: Path) -> Iterator[Setup]:
+    """The row's proxies; a wormhole row's daemon lives as long as this block."""
+    if name not in ENGINES:
+        yield PLAIN[name]
+        return
+    with Wormhole(tmp, ENGINES[name]) as daemon:
+        udp = functools.partial(daemon.proxy, proto="udp") if name in UDP_ROWS else None
+        yield Setup(daemon.proxy, udp, daemon)
 
 
 # --------------------------------------------------------------------------
 # The run
 
 
-Proxy = Callable[[Path, int], ContextManager[tuple[int, int | None]]]  # (port, pid)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    duration: float = 5.0  # seconds per iperf3/wrk run
+    repeat: int = REPEAT  # runs per rate
+    idle_conns: int = IDLE_CONNS
+    ping_runs: int = PING_RUNS
+
+    @property
+    def udp_seconds(self) -> float:
+        return min(self.duration, UDP_SECONDS)
 
 
 def cpu_meter(pid: int | None) -> Callable[[], float | None]:
@@ -562,47 +1097,273 @@ def cpu_meter(pid: int | None) -> Callable[[], float | None]:
     return used
 
 
-def measure_row(name: str, proxy: Proxy, tmp: Path, iperf_port: int | None,
-                nginx_port: int | None, duration: float, log: Callable[[str], None]) -> Row:
-    row = Row(name)
-    if iperf_port is not None:
+def repeat(row: Row, note: str, runs: int, once: Callable[[], None]) -> None:
+    """Call ``once`` RUNS times (it adds its samples to the row); failures go in the note."""
+    errors = []
+    for _ in range(runs):
         try:
-            with proxy(tmp, iperf_port) as (port, pid):
+            once()
+        except BenchError as exc:
+            errors.append(str(exc))
+    if errors:
+        failed = f"{len(errors)} of {runs} runs failed: " if len(errors) < runs else ""
+        row.notes.setdefault(note, failed + errors[0])
+
+
+@dataclasses.dataclass
+class Targets:
+    iperf: int | None = None
+    nginx: int | None = None
+    idle: IdleTarget | None = None
+    udp: int | None = None
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # column note -> why it has no target
+
+
+def measure_row(row: Row, s: Setup, tmp: Path, targets: Targets, opts: Options,
+                log: Callable[[str], None]) -> None:
+    """Throughput, conn/s (with CPU), keep-alive, UDP and ping of one row, --repeat runs each."""
+    name, d = row.name, opts.duration
+    if targets.iperf is not None:
+        try:
+            with s.tcp(tmp, targets.iperf) as (port, pid):
                 log(f"{name}: iperf3 through port {port}")
                 # iperf3 -s serves one client at a time: let the connection the
                 # readiness probe opened through the proxy reach it and close.
                 time.sleep(SETTLE)
-                cpu = cpu_meter(pid)
-                row.bps = measure_throughput(port, duration)
-                used = cpu()
-                if used is not None and row.bps:
-                    row.cpu_s_per_gb = used / (row.bps * duration / 8 / 1e9)
-        except Retried as exc:
-            row.bps = exc.value
-            row.notes["throughput"] = f"second attempt; the first failed: {exc}"
+
+                def throughput() -> None:
+                    cpu = cpu_meter(pid)
+                    try:
+                        bps = measure_throughput(port, d)
+                    except Retried as exc:
+                        bps = exc.value
+                        row.notes["throughput"] = f"second attempt; the first failed: {exc}"
+                    row.add("bps", bps)
+                    used = cpu()
+                    if used is not None and bps:
+                        row.add("cpu_s_per_gb", used / (bps * d / 8 / 1e9))
+                repeat(row, "throughput", opts.repeat, throughput)
         except BenchError as exc:
             row.notes["throughput"] = str(exc)
-    if nginx_port is not None:
+    if targets.nginx is not None:
         try:
-            with proxy(tmp, nginx_port) as (port, pid):
-                log(f"{name}: wrk through port {port}")
+            with s.tcp(tmp, targets.nginx) as (port, pid):
+                log(f"{name}: wrk (Connection: close, then keep-alive) through port {port}")
                 time.sleep(SETTLE)
-                cpu = cpu_meter(pid)
-                w = measure_conn_rate(port, duration)
-                row.conn_per_s = w.requests_per_sec
-                used = cpu()
-                if used is not None and w.requests:
-                    row.cpu_us_per_conn = used / w.requests * 1e6
-                if w.socket_errors or w.non_2xx:
-                    row.notes["conn/s"] = (f"{w.socket_errors} socket errors, "
-                                           f"{w.non_2xx} non-2xx of {w.requests} requests")
+
+                def conn_rate() -> None:
+                    cpu = cpu_meter(pid)
+                    w = measure_conn_rate(port, d)
+                    row.add("conn_per_s", w.requests_per_sec)
+                    used = cpu()
+                    if used is not None and w.requests:
+                        row.add("cpu_us_per_conn", used / w.requests * 1e6)
+                    if w.socket_errors or w.non_2xx:
+                        row.notes["conn/s"] = (f"{w.socket_errors} socket errors, "
+                                               f"{w.non_2xx} non-2xx of {w.requests} requests")
+
+                def keepalive() -> None:
+                    w = measure_wrk(port, d, KEEPALIVE_CONNS, close=False)
+                    row.add("keepalive_per_s", w.requests_per_sec)
+                    if w.socket_errors or w.non_2xx:
+                        row.notes["keep-alive"] = (f"{w.socket_errors} socket errors, "
+                                                   f"{w.non_2xx} non-2xx of {w.requests} requests")
+                repeat(row, "conn/s", opts.repeat, conn_rate)
+                repeat(row, "keep-alive", opts.repeat, keepalive)
         except BenchError as exc:
-            row.notes["conn/s"] = str(exc)
-    return row
+            row.notes["conn/s"] = row.notes["keep-alive"] = str(exc)
+    if targets.udp is not None and s.udp is not None:
+        try:
+            with s.udp(tmp, targets.udp) as (port, pid):
+                log(f"{name}: UDP through port {port}")
+
+                def udp() -> None:
+                    rate, client_cpu = measure_udp(port, opts.udp_seconds)
+                    row.add("udp_per_s", rate)
+                    row.add("udp_client_cpu", client_cpu)
+                repeat(row, "UDP", opts.repeat, udp)
+        except BenchError as exc:
+            row.notes["UDP"] = str(exc)
+    if s.daemon is not None and opts.ping_runs:
+        log(f"{name}: wormhole ping x{opts.ping_runs}")
+        try:
+            row.ping_ms = s.daemon.ping(opts.ping_runs)
+        except BenchError as exc:
+            row.notes["ping"] = str(exc)
+    for note, err in targets.errors.items():
+        row.notes[note] = err
+    row.settle()
 
 
-def start_target(stack: contextlib.ExitStack, what: str, cm: ContextManager[int],
-                 log: Callable[[str], None]) -> tuple[int | None, str | None]:
+# -- idle connections ----------------------------------------------------------
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def shrink_slabs() -> None:
+    """Have every slab cache give back its per-CPU caches of free objects, which /proc/slabinfo
+    would count as in use (a run that reuses the objects an earlier one freed would seem to
+    take no memory): writing to /sys/kernel/slab/CACHE/shrink (SLUB; root)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/sys/kernel/slab"):
+            if entry.is_dir(follow_symlinks=False):  # the others are aliases of merged caches
+                with contextlib.suppress(OSError), open(f"{entry.path}/shrink", "w") as f:
+                    f.write("1")
+
+
+def kernel_memory() -> dict[str, int]:
+    """Bytes per slab cache (see parse_slabinfo), counted after shrink_slabs()."""
+    shrink_slabs()
+    try:
+        with open("/proc/slabinfo") as f:
+            return parse_slabinfo(f.read())
+    except OSError as exc:
+        raise BenchError(f"cannot read /proc/slabinfo: {exc.strerror} (the bench runs as root)") from None
+
+
+def tcp_buffer_bytes() -> int:
+    """What sockstat counts for TCP socket buffers, machine-wide. Not part of the idle figures:
+    an idle connection has no byte to buffer, and this moves with any TCP traffic on the
+    machine, in per-CPU batches; kept in --json to show that it stays near 0."""
+    with open("/proc/net/sockstat") as f:
+        return parse_sockstat_tcp_mem(f.read()) * PAGE
+
+
+def process_usage(pid: int) -> tuple[int, int]:
+    """RSS (KiB) and open fds of the processes of pid's process group (the proxy and any children)."""
+    rss = fds = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                if proc_pgrp(f.read()) != pid:
+                    continue
+            with open(f"/proc/{entry.name}/status") as f:
+                rss += status_rss_kib(f.read())
+            # The size of /proc/PID/fd is the number of open fds (Linux >= 6.2); listing the
+            # directory instead would make a /proc inode and a dentry per fd.
+            fds += os.stat(f"/proc/{entry.name}/fd").st_size or len(os.listdir(f"/proc/{entry.name}/fd"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return rss, fds
+
+
+@dataclasses.dataclass
+class IdleSample:
+    conns: int
+    rss_kib: int | None  # the proxy's growth (None: no proxy process)
+    fds: int | None
+    kernel: dict[str, int]  # growth per slab cache, bytes
+    tcp_mem: int  # growth of sockstat's TCP mem, bytes (not in the figures)
+    fd_limit: int | None  # the proxy's RLIMIT_NOFILE (soft)
+    fds_before: int | None
+
+    @property
+    def kernel_bytes(self) -> int:
+        return sum(self.kernel.values())
+
+
+def idle_once(name: str, tmp: Path, target: IdleTarget, conns: int, log: Callable[[str], None]) -> IdleSample:
+    """A fresh proxy (a freed connection's memory stays in its heap, so a second run in the same
+    process would measure less), CONNS connections through it held open, and the growth."""
+    with setup(name, tmp) as s, s.tcp(tmp, target.port) as (port, pid):
+        target.wait("the readiness probe's connection was not closed", lambda st: st["open"] == 0, 10)
+        time.sleep(SETTLE)
+        limit = None
+        if pid:
+            with open(f"/proc/{pid}/limits") as f:
+                limit = parse_nofile_limit(f.read())
+        rss0, fds0 = process_usage(pid) if pid else (None, None)
+        kern0, tcp0 = kernel_memory(), tcp_buffer_bytes()
+        status = tmp / "idle-client.status"
+        status.unlink(missing_ok=True)
+        argv = [sys.executable, LOADGEN, "idle-client", port, conns, status]
+        with Proc("idle-client", argv, tmp) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                st, tst = read_status(status), read_status(target.status)
+                if st.get("failed") or st.get("closed"):
+                    raise BenchError(f"of {conns} connections, {st['failed']} failed and {st['closed']} "
+                                     f"were closed (target: {tst.get('open')} open)")
+                if st.get("connected") == conns and tst.get("open") == conns:
+                    break
+                if not client.alive():
+                    raise BenchError(f"the idle client exited: {client.tail(1)}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{st.get('connected', 0)} of {conns} connections made, "
+                                     f"{tst.get('open')} open at the target after 60 s")
+                time.sleep(0.05)
+            usage = process_usage(pid) if pid else None
+            for _ in range(25):  # until the proxy's fds and RSS stop moving
+                time.sleep(0.2)
+                now = process_usage(pid) if pid else None
+                if now == usage:
+                    break
+                usage = now
+            kern1, tcp1 = kernel_memory(), tcp_buffer_bytes()
+        # The client is gone: its connections were reset, and so will the target's be.
+        target.wait("the target did not see every connection closed", lambda st: st["open"] == 0, 30)
+    growth = {k: kern1.get(k, 0) - kern0.get(k, 0) for k in kern0.keys() | kern1.keys()}
+    return IdleSample(conns, usage[0] - rss0 if pid else None, usage[1] - fds0 if pid else None,
+                      {k: v for k, v in growth.items() if v}, tcp1 - tcp0, limit, fds0)
+
+
+def measure_idle(rows: list[Row], tmp: Path, target: IdleTarget, opts: Options,
+                 log: Callable[[str], None]) -> None:
+    """The idle columns of every row; direct first: the kernel's growth for the client's and
+    the target's sockets, which the proxies' kernel figure leaves out."""
+    direct_kib = None
+    for row in rows:
+        if row.name not in IDLE_ROWS:
+            continue
+        conns = opts.idle_conns
+        try:
+            if row.name != "direct":  # how many connections the proxy's fd limit leaves room for
+                log(f"{row.name}: idle probe, {IDLE_PROBE} connections")
+                probe = idle_once(row.name, tmp, target, IDLE_PROBE, log)
+                per_conn = probe.fds / IDLE_PROBE
+                if probe.fd_limit and per_conn > 0:
+                    room = int((probe.fd_limit - probe.fds_before - 64) / per_conn)
+                    if room < conns:
+                        row.notes["idle"] = (f"{room} connections, not {conns}: {per_conn:.1f} fds each and "
+                                             f"RLIMIT_NOFILE {probe.fd_limit}")
+                        conns = room
+        except BenchError as exc:
+            row.notes["idle"] = str(exc)
+            continue
+        samples: list[IdleSample] = []
+
+        def once() -> None:
+            log(f"{row.name}: {conns} idle connections")
+            samples.append(idle_once(row.name, tmp, target, conns, log))
+        repeat(row, "idle", opts.repeat, once)
+        if not samples:
+            continue
+        row.idle_conns = conns
+        kib = [s.kernel_bytes / s.conns / 1024 for s in samples]
+        row.samples["idle_kernel_raw_kib"] = kib
+        row.samples["idle_sockstat_tcp_mem_bytes_per_conn"] = [s.tcp_mem / s.conns for s in samples]
+        if row.name == "direct":
+            row.idle_kernel_kib = direct_kib = median(kib)
+        elif direct_kib is not None:
+            row.samples["idle_kernel_kib"] = [k - direct_kib for k in kib]
+            row.idle_kernel_kib = median(row.samples["idle_kernel_kib"])
+        if samples[0].rss_kib is not None:
+            row.samples["idle_proc_kib"] = [s.rss_kib / s.conns for s in samples]
+            row.samples["idle_fds"] = [s.fds / s.conns for s in samples]
+            row.idle_proc_kib = median(row.samples["idle_proc_kib"])
+            row.idle_fds = median(row.samples["idle_fds"])
+        caches = {}
+        for s in samples:
+            for k, v in s.kernel.items():
+                caches.setdefault(k, []).append(v / s.conns)
+        top = sorted(caches.items(), key=lambda kv: -abs(statistics.median(kv[1])))[:12]
+        row.idle_caches = {k: round(statistics.median(v), 1) for k, v in top}
+
+
+def start_target(stack: contextlib.ExitStack, what: str, cm: ContextManager,
+                 log: Callable[[str], None]) -> tuple[object | None, str | None]:
     try:
         return stack.enter_context(cm), None
     except BenchError as exc:
@@ -610,42 +1371,41 @@ def start_target(stack: contextlib.ExitStack, what: str, cm: ContextManager[int]
         return None, f"{what}: {exc}"
 
 
-def run(names: list[str], duration: float,
+def run(names: list[str], opts: Options,
         log: Callable[[str], None]) -> tuple[list[Row], list, int | None]:
     """The proxy rows, then the tunnel table's rows and the veth MTU ([], None unless selected)."""
     import tunnel  # not at the top: it imports this module
 
     tmp = Path(tempfile.mkdtemp(prefix="wormhole-bench-"))
-    rows: list[Row] = []
+    rows = [Row(n) for n in names if n in ROWS]
     tunnel_rows: list = []
     veth_mtu = None
     try:
-        if any(n in ROWS for n in names):
+        if rows:
             with contextlib.ExitStack() as stack:
-                iperf_port, iperf_err = start_target(stack, "iperf3 server", iperf3_server(tmp), log)
-                nginx_port, nginx_err = start_target(stack, "nginx", nginx_server(tmp), log)
-                proxies: dict[str, Proxy] = {
-                    "direct": direct, "systemd-socket-proxyd": socket_proxyd,
-                    "haproxy": haproxy, "socat": socat,
-                }
-                for name in (n for n in names if n in ROWS):
-                    with contextlib.ExitStack() as row_stack:  # the daemon lives for its row
-                        proxy = proxies.get(name)
-                        if name == "wormhole":
-                            try:
-                                proxy = row_stack.enter_context(Wormhole(tmp)).proxy
-                            except BenchError as exc:
-                                log(f"wormhole: {exc}")
-                                rows.append(Row(name, error=str(exc)))
-                                continue
-                        row = measure_row(name, proxy, tmp, iperf_port, nginx_port, duration, log)
-                    if iperf_err:
-                        row.notes["throughput"] = iperf_err
-                    if nginx_err:
-                        row.notes["conn/s"] = nginx_err
-                    rows.append(row)
+                t = Targets()
+                for attr, what, cm, notes in (
+                        ("iperf", "iperf3 server", iperf3_server(tmp), ("throughput",)),
+                        ("nginx", "nginx", nginx_server(tmp), ("conn/s", "keep-alive")),
+                        ("idle", "idle target", idle_target(tmp), ("idle",)),
+                        ("udp", "UDP echo", udp_echo(tmp), ("UDP",))):
+                    value, err = start_target(stack, what, cm, log)
+                    setattr(t, attr, value)
+                    if err:
+                        t.errors.update(dict.fromkeys(notes, err))
+                # Idle connections first, for every row: before any wrk run has left the
+                # TIME_WAIT sockets whose freeing (60 s later) would blur the kernel's figures.
+                if t.idle is not None:
+                    measure_idle(rows, tmp, t.idle, opts, log)
+                for row in rows:
+                    try:
+                        with setup(row.name, tmp) as s:  # a wormhole row's daemon lives for its row
+                            measure_row(row, s, tmp, t, opts, log)
+                    except BenchError as exc:
+                        log(f"{row.name}: {exc}")
+                        row.error = str(exc)
         if TUNNEL in names:
-            tunnel_rows, veth_mtu = tunnel.run_tunnel(duration, log, tmp)
+            tunnel_rows, veth_mtu = tunnel.run_tunnel(opts.duration, log, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows, tunnel_rows, veth_mtu
@@ -661,6 +1421,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0,
                     help="seconds per measurement (iperf3 -t, wrk -d); default 5")
+    ap.add_argument("--repeat", type=int, default=REPEAT,
+                    help=f"runs per rate and per idle-connection figure, the median shown; default {REPEAT}")
+    ap.add_argument("--idle-conns", type=int, default=IDLE_CONNS, metavar="N",
+                    help=f"connections held for the idle columns; default {IDLE_CONNS}")
     ap.add_argument("--only", metavar="NAMES",
                     help=f"comma-separated rows to run among {', '.join(NAMES)} "
                          "(direct runs with any proxy row: it is the anchor of their ratios; "
@@ -673,6 +1437,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     if args.duration <= 0:
         ap.error("--duration must be positive")
+    if args.repeat < 1 or args.idle_conns < 1:
+        ap.error("--repeat and --idle-conns must be positive")
     missing = [t for t in required_tools(names, tunnel.TOOLS) if not shutil.which(t)]
     if missing:
         print(f"bench: missing tools: {', '.join(missing)} (run `make bench`, "
@@ -680,26 +1446,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     signal.signal(signal.SIGTERM, _sigterm)
+    nofile = raise_nofile()
+    opts = Options(args.duration, args.repeat, args.idle_conns)
     started = datetime.datetime.now(datetime.timezone.utc).astimezone()
     nproc = len(os.sched_getaffinity(0))
-    log = (lambda msg: print(f"# {msg}", file=sys.stderr, flush=True))
+    t0 = time.monotonic()
+    log = (lambda msg: print(f"# [{time.monotonic() - t0:4.0f} s] {msg}", file=sys.stderr, flush=True))
     try:
-        rows, tunnel_rows, veth_mtu = run(names, args.duration, log)
+        rows, tunnel_rows, veth_mtu = run(names, opts, log)
     except KeyboardInterrupt:
         print("bench: interrupted; every process stopped", file=sys.stderr)
         return 130
+    took = time.monotonic() - t0
 
     meta = {"date": started.isoformat(timespec="seconds"), "nproc": nproc,
-            "kernel": platform.release(), "duration_s": args.duration}
+            "kernel": platform.release(), "duration_s": args.duration, "repeat": args.repeat,
+            "idle_connections": args.idle_conns, "rlimit_nofile": nofile, "seconds": round(took)}
     if args.json:
         print(rows_to_json(rows, meta, tunnel.tunnel_to_json(tunnel_rows) if tunnel_rows else None))
     else:
         header = (f"wormhole bench  {started:%Y-%m-%d %H:%M:%S %Z}  nproc {nproc}  "
-                  f"kernel {platform.release()}  {args.duration:g} s per measurement\n")
+                  f"kernel {platform.release()}  {args.duration:g} s per measurement, median of "
+                  f"{args.repeat}  RLIMIT_NOFILE {nofile}  took {took:.0f} s\n")
         tables = []
         if rows:
-            tables.append(format_table(rows, "throughput: iperf3, 1 TCP stream; conn/s: wrk -t1 -c50, "
-                                             "Connection: close, nginx 'return 200'\n"))
+            tables.append(format_table(rows))
         if tunnel_rows:
             tables.append(tunnel.format_tunnel_table(
                 tunnel_rows, tunnel.tunnel_header(args.duration, veth_mtu)))

@@ -8,9 +8,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import run  # noqa: E402
+
 from run import (  # noqa: E402
     BenchError, Row, format_table, parse_create_output, parse_iperf3, parse_only,
-    parse_wrk, rows_to_json,
+    parse_wrk, rows_to_json, tcp_table,
 )
 
 # Real wrk 4.1.0 output (Debian 12), -t1 -c50 -d1s -H 'Connection: close'.
@@ -147,12 +149,13 @@ def test_create_output_bad(text):
 # -- --only ---------------------------------------------------------------------
 
 def test_only_default_is_every_row():
-    assert parse_only(None) == ["direct", "wormhole", "systemd-socket-proxyd", "haproxy", "socat",
-                                "tunnel"]
+    assert parse_only(None) == ["direct", "wormhole", "wormhole-python", "systemd-socket-proxyd", "haproxy",
+                                "socat", "tunnel"]
 
 
 def test_only_keeps_direct_and_table_order():
     assert parse_only("socat,wormhole") == ["direct", "wormhole", "socat"]
+    assert parse_only("wormhole-python,haproxy") == ["direct", "wormhole-python", "haproxy"]
     assert parse_only("haproxy socat") == ["direct", "haproxy", "socat"]
 
 
@@ -188,31 +191,32 @@ ROWS = [
 
 
 def test_table_values_and_ratios():
-    lines = format_table(ROWS).splitlines()
+    lines = tcp_table(ROWS).splitlines()
     direct = next(l for l in lines if l.startswith("direct"))
     socat = next(l for l in lines if l.startswith("socat"))
-    assert direct.split() == ["direct", "20.00", "1.00", "14000", "1.00", "-", "-"]
-    assert socat.split() == ["socat", "5.00", "0.25", "1750", "0.12", "-", "-"]
+    assert direct.split() == ["direct", "20.00", "1.00", "14000", "1.00", "-", "-", "-", "n/a"]
+    assert socat.split() == ["socat", "5.00", "0.25", "1750", "0.12", "-", "-", "-", "n/a"]
 
 
 def test_table_unavailable_row_and_footnotes():
-    text = format_table(ROWS, header="HEADER")
+    text = tcp_table(ROWS, header="HEADER")
     lines = text.splitlines()
     assert lines[0] == "HEADER"
     assert "wormhole" in text and "n/a (wormholed did not answer ping within 10 s)" in text
     haproxy = next(l for l in lines if l.startswith("haproxy"))
-    assert haproxy.split() == ["haproxy", "10.00", "0.50", "n/a", "[1]", "n/a", "-", "-"]
+    assert haproxy.split() == ["haproxy", "10.00", "0.50", "n/a", "[1]", "n/a", "-", "-", "-", "n/a"]
     assert lines[-1] == "[1] haproxy conn/s: haproxy exited with 1"
 
 
 def test_table_columns_align():
-    lines = [l for l in format_table(ROWS).splitlines() if l.startswith(("proxy", "direct", "socat"))]
-    assert len({len(l) for l in lines}) == 1
+    for text in (tcp_table(ROWS), run.idle_table(ROWS), run.ratio_table(ROWS)):
+        lines = [l for l in text.splitlines() if l.startswith(("proxy", "direct", "socat", "---"))]
+        assert len(lines) == 4 and len({len(l) for l in lines}) == 1, text
 
 
 def test_table_without_direct_has_no_ratios():
-    line = format_table([Row("socat", bps=5e9, conn_per_s=1750.0)]).splitlines()[-1]
-    assert line.split() == ["socat", "5.00", "n/a", "1750", "n/a", "-", "-"]
+    line = tcp_table([Row("socat", bps=5e9, conn_per_s=1750.0)]).splitlines()[-1]
+    assert line.split() == ["socat", "5.00", "n/a", "1750", "n/a", "-", "-", "-", "n/a"]
 
 
 def test_json():
@@ -232,12 +236,222 @@ def test_proc_cpu_seconds_sums_own_and_reaped_children_time():
     assert proc_cpu_seconds(stat, 100) == (250 + 50 + 30 + 20) / 100
 
 
-def test_table_shows_proxy_cpu():
-    from run import Row
-    rows = [Row("direct", bps=2e10, conn_per_s=14000),
-            Row("wormhole", bps=1e10, conn_per_s=7000, cpu_s_per_gb=0.3, cpu_us_per_conn=155.4)]
-    line = next(l for l in format_table(rows).splitlines() if l.startswith("wormhole"))
-    assert line.split() == ["wormhole", "10.00", "0.50", "7000", "0.50", "0.300", "155"]
+def test_table_shows_proxy_cpu_and_keepalive():
+    rows = [Row("direct", bps=2e10, conn_per_s=14000, keepalive_per_s=80000),
+            Row("wormhole", bps=1e10, conn_per_s=7000, cpu_s_per_gb=0.3, cpu_us_per_conn=155.4,
+                keepalive_per_s=60000)]
+    line = next(l for l in tcp_table(rows).splitlines() if l.startswith("wormhole"))
+    assert line.split() == ["wormhole", "10.00", "0.50", "7000", "0.50", "0.300", "155", "60000", "0.75"]
+
+
+# -- keep-alive, idle connections, UDP, ping: parsers -----------------------------------
+
+@pytest.mark.parametrize("text, ms", [("3.125\n", 3.125), ("12", 12.0)])
+def test_ping(text, ms):
+    assert run.parse_ping(text) == ms
+
+
+@pytest.mark.parametrize("text", ["", "wormhole: error: no daemon", "3.1 ms"])
+def test_ping_bad(text):
+    with pytest.raises(BenchError):
+        run.parse_ping(text)
+
+
+def test_udp_client():
+    text = json.dumps({"received": 90000, "seconds": 3.0, "stalls": 0, "refused": 0, "window": 32, "size": 64,
+                       "client_cpu": 0.45})
+    assert run.parse_udp_client(text + "\n") == (30000, 0.45)
+    assert run.parse_udp_client('{"received": 10, "seconds": 2.0}') == (5, None)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"error": "no echo within 5 s"}', "no echo within 5 s"),
+    ('{"received": 0, "seconds": 3.0}', "no echo came back"),
+    ('{"seconds": 3.0}', "no received"), ("Traceback", "not JSON"), ("[]", "not a JSON object"),
+])
+def test_udp_client_bad(text, match):
+    with pytest.raises(BenchError, match=match):
+        run.parse_udp_client(text)
+
+
+def test_status():
+    assert run.parse_status("accepted 8001 open 8000\n") == {"accepted": 8001, "open": 8000}
+    assert run.parse_status("connected 5 failed 0 closed 1") == {"connected": 5, "failed": 0, "closed": 1}
+    for bad in ("", "accepted", "accepted x"):
+        with pytest.raises(BenchError):
+            run.parse_status(bad)
+
+
+# /proc/slabinfo (Linux 6.18), shortened
+SLABINFO = """\
+slabinfo - version: 2.1
+# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail>
+tw_sock_TCP        76582  90960    256   16    1 : tunables    0    0    0 : slabdata   5685   5685      0
+request_sock_TCP      24     24    320   12    1 : tunables    0    0    0 : slabdata      2      2      0
+TCP                   53    104   2368   13    8 : tunables    0    0    0 : slabdata      8      8      0
+sock_inode_cache     178    247    832   19    4 : tunables    0    0    0 : slabdata     13     13      0
+proc_inode_cache     971   1886    696   23    4 : tunables    0    0    0 : slabdata     82     82      0
+filp                 618    819    192   21    1 : tunables    0    0    0 : slabdata     39     39      0
+dentry             93514  95802    192   21    1 : tunables    0    0    0 : slabdata   4562   4562      0
+"""
+
+
+def test_slabinfo_counts_objects_in_use_without_time_wait_or_proc_inodes():
+    caches = run.parse_slabinfo(SLABINFO)
+    assert caches == {"TCP": 53 * 2368, "sock_inode_cache": 178 * 832, "filp": 618 * 192,
+                      "dentry": (93514 - 971) * 192}  # a dentry left out with each /proc inode
+
+
+def test_slabinfo_unreadable():
+    with pytest.raises(BenchError):
+        run.parse_slabinfo("slabinfo - version: 2.1\n")
+    with pytest.raises(BenchError):
+        run.parse_slabinfo("TCP x y z\n")
+
+
+def test_sockstat_tcp_mem():
+    text = ("sockets: used 16\nTCP: inuse 7 orphan 0 tw 76530 alloc 7 mem 4736\n"
+            "UDP: inuse 0 mem 0\nUDPLITE: inuse 0\n")
+    assert run.parse_sockstat_tcp_mem(text) == 4736
+    with pytest.raises(BenchError):
+        run.parse_sockstat_tcp_mem("UDP: inuse 0 mem 0\n")
+
+
+def test_proc_files():
+    limits = ("Limit                     Soft Limit           Hard Limit           Units     \n"
+              "Max processes             96365                96365                processes \n"
+              "Max open files            20000                524288               files     \n")
+    assert run.parse_nofile_limit(limits) == 20000
+    assert run.parse_nofile_limit("Max open files            unlimited            unlimited            files") is None
+    assert run.status_rss_kib("Name:\tpython3\nVmHWM:\t  9000 kB\nVmRSS:\t    2080 kB\n") == 2080
+    assert run.status_rss_kib("Name:\tzombie\n") == 0
+    assert run.proc_pgrp("18544 (a ) b) R 18536 18530 6401 0 -1 4194304 99 0") == 18530
+
+
+def test_udp_bound():
+    text = ("   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+            "13905: 0100007F:A21C 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2443333 2\n")
+    assert run.udp_bound(text, 0xA21C)
+    assert not run.udp_bound(text, 0xA21D)
+    assert not run.udp_bound(text.splitlines()[0], 0xA21C)
+
+
+def test_percentile_nearest_rank():
+    values = [float(v) for v in range(30, 0, -1)]  # 30 pings, any order
+    assert run.percentile(values, 50) == 15 and run.percentile(values, 95) == 29
+    assert run.percentile([4.2], 95) == 4.2
+
+
+def test_row_medians_and_idle_sum():
+    row = Row("wormhole")
+    for bps in (3e9, 1e9, 2e9):
+        row.add("bps", bps)
+    row.add("keepalive_per_s", None)  # a failed run adds nothing
+    row.settle()
+    assert row.bps == 2e9 and row.keepalive_per_s is None and row.samples["bps"] == [3e9, 1e9, 2e9]
+    row.idle_proc_kib, row.idle_kernel_kib = 0.5, 7.25
+    assert row.idle_kib == 7.75
+    direct = Row("direct", idle_kernel_kib=7.8)
+    assert direct.idle_kib is None, "direct has no proxy: its kernel figure is the baseline"
+
+
+# -- the idle/UDP/ping table, the ratios, the goals ---------------------------------------
+
+def _full_rows():
+    return [
+        Row("direct", bps=20e9, conn_per_s=12000, keepalive_per_s=100000, idle_kernel_kib=7.8,
+            udp_per_s=100000),
+        Row("wormhole", bps=16e9, conn_per_s=9000, cpu_us_per_conn=40, keepalive_per_s=60000,
+            idle_proc_kib=0.2, idle_kernel_kib=7.6, idle_fds=2.0, idle_conns=8000, udp_per_s=30000,
+            ping_ms=[3.0] * 20 + [9.0] * 10),
+        Row("wormhole-python", bps=12e9, conn_per_s=4000, cpu_us_per_conn=200, keepalive_per_s=40000,
+            idle_proc_kib=1.0, idle_kernel_kib=10.4, idle_fds=6.0, idle_conns=3330,
+            notes={"idle": "3330 connections, not 8000: 6.0 fds each and RLIMIT_NOFILE 20000"},
+            ping_ms=[6.0] * 30),
+        Row("systemd-socket-proxyd", bps=15e9, conn_per_s=5000, cpu_us_per_conn=150, keepalive_per_s=30000),
+        Row("haproxy", bps=10e9, conn_per_s=8000, cpu_us_per_conn=50, keepalive_per_s=50000,
+            idle_proc_kib=3.3, idle_kernel_kib=7.7, idle_fds=2.0),
+        Row("socat", bps=5e9, conn_per_s=1000, keepalive_per_s=20000, udp_per_s=25000),
+    ]
+
+
+def test_idle_table():
+    lines = run.idle_table(_full_rows()).splitlines()
+    line = {l.split()[0]: l.split() for l in lines if l and not l.startswith(("-", "[", "proxy"))}
+    assert line["direct"] == ["direct", "-", "-", "7.8", "-", "100000", "1.00", "-", "-"]
+    assert line["wormhole"] == ["wormhole", "7.8", "0.2", "7.6", "2.00", "30000", "0.30", "3.0", "9.0"]
+    assert line["wormhole-python"][:3] == ["wormhole-python", "11.4", "[1]"]
+    assert line["haproxy"] == ["haproxy", "11.0", "3.3", "7.7", "2.00", "-", "n/a", "-", "-"]
+    assert lines[-1] == "[1] wormhole-python idle: 3330 connections, not 8000: 6.0 fds each and RLIMIT_NOFILE 20000"
+
+
+def test_ratio_table_against_proxyd_haproxy_and_socat():
+    text = run.ratio_table(_full_rows(), "HEADER\n")
+    lines = text.splitlines()
+    assert lines[0] == "HEADER" and lines[1] == ""
+    assert lines[2].split() == ["throughput", "conn/s", "keep-alive", "req/s", "CPU", "us/conn", "UDP"]
+    wh = next(l for l in lines if l.startswith("wormhole "))
+    # throughput /proxyd /haproxy, conn/s ..., keep-alive ..., CPU us/conn /haproxy, UDP /socat
+    assert wh.split()[1:] == ["1.07", "1.60", "1.80", "1.12", "2.00", "1.20", "0.80", "1.20"]
+    hap = next(l for l in lines if l.startswith("haproxy"))
+    assert hap.split()[1:] == ["0.67", "1.00", "1.60", "1.00", "1.67", "1.00", "1.00", "n/a"]
+
+
+def test_goals():
+    goals = dict(run.judge_goals(_full_rows()))
+    wh, py = ({label: cells[name] for label, cells in goals.items()} for name in ("wormhole", "wormhole-python"))
+    assert wh["conn/s >= 1.0x haproxy"] == ("1.12x", True)
+    assert py["conn/s >= 1.0x haproxy"] == ("0.50x", False)
+    assert wh["CPU us/conn <= haproxy's"] == ("40 vs 50", True)
+    assert wh["keep-alive req/s >= 1.2x haproxy"] == ("1.20x", True)  # judged as shown
+    assert wh["idle KiB/conn (process + kernel) <= 8"] == ("7.8", True)
+    assert py["idle KiB/conn (process + kernel) <= 8"] == ("11.4", False)
+    assert wh["idle fds/conn <= 2"] == ("2.00", True) and py["idle fds/conn <= 2"] == ("6.00", False)
+    assert wh["throughput >= 0.75x direct"] == ("0.80x", True)
+    assert wh["throughput >= 1.0x systemd-socket-proxyd"] == ("1.07x", True)
+    assert wh["wormhole ping p50 <= 5 ms"] == ("3.0", True) and py["wormhole ping p50 <= 5 ms"] == ("6.0", False)
+    assert wh["UDP dgram/s (no goal yet)"] == ("30000 = 1.20x socat", None)
+    assert py["UDP dgram/s (no goal yet)"] == ("-", None)
+
+
+def test_goals_without_an_anchor_or_a_figure():
+    rows = [r for r in _full_rows() if r.name not in ("haproxy", "wormhole-python")]
+    rows[1].ping_ms = []
+    cells = {label: c["wormhole"] for label, c in run.judge_goals(rows)}
+    assert cells["conn/s >= 1.0x haproxy"] is None and cells["CPU us/conn <= haproxy's"] is None
+    assert cells["wormhole ping p50 <= 5 ms"] is None
+    text = run.goals_table(rows)
+    assert "wormhole-python" not in text
+    line = next(l for l in text.splitlines() if l.startswith("conn/s"))
+    assert line.split()[-1] == "n/a"
+
+
+def test_goals_table():
+    lines = run.goals_table(_full_rows(), "GOALS").splitlines()
+    assert lines[0] == "GOALS" and lines[1].split() == ["goal", "wormhole", "wormhole-python"]
+    conn = next(l for l in lines if l.startswith("conn/s"))
+    assert conn.split()[-4:] == ["1.12x", "ok", "0.50x", "MISS"]
+    udp = next(l for l in lines if l.startswith("UDP"))
+    assert udp.endswith("-") and "socat ok" not in udp
+    assert len({len(l) for l in lines[1:]}) == 1, "columns align"
+    assert run.goals_table([Row("direct"), Row("haproxy")]) == ""
+
+
+def test_format_table_has_every_table():
+    text = format_table(_full_rows(), "HEADER\n")
+    assert text.startswith("HEADER\nthroughput: iperf3")
+    for part in ("idle KiB/conn", "/proxyd", "goal "):
+        assert part in text
+
+
+def test_json_new_columns():
+    doc = json.loads(rows_to_json(_full_rows(), {"nproc": 2}))
+    wh = {r["name"]: r for r in doc["rows"]}["wormhole"]
+    assert wh["keepalive_per_s"] == 60000 and wh["ratios"]["keepalive_per_s"]["haproxy"] == 1.2
+    assert wh["idle_kib_per_conn"] == pytest.approx(7.8) and wh["idle_fds_per_conn"] == 2.0
+    assert wh["udp_ratio_socat"] == 1.2 and wh["ping_p50_ms"] == 3.0 and wh["ping_p95_ms"] == 9.0
+    goal = next(g for g in doc["goals"] if g["goal"] == "conn/s >= 1.0x haproxy")
+    assert goal["rows"]["wormhole"] == {"figure": "1.12x", "ok": True}
 
 
 # -- tunnel table (bench/tunnel.py) --------------------------------------------------
