@@ -702,7 +702,7 @@ def test_an_idle_relayed_connection_holds_two_fds_and_no_pipe(setup, many_fds):
     # the test's own two ends + the engine's two fds per connection; no pipe held
     assert len(open_fds()) - before == 500 * 4
     assert pipes() == pooled
-    for client, server in bulk:  # idle bulk connections hold none either
+    for client, server in bulk:  # pipes parked by idle bulk directions go back to the pool (PIPE_IDLE_MS)
         client.close()
         server.close()
     wait_for(lambda: setup.stats()[0] == 500)

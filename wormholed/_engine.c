@@ -26,11 +26,13 @@
  *   netns, spares; a connection: fd[2], a half's pipe; the pipe pool; the
  *   handoff queue) and is closed once, when it leaves it, unless handed to
  *   Python. Only the engine thread calls setns, and always goes home after.
- * - Idle cost: 2 fds and ~200 bytes per relayed connection. A direction
+ * - Idle cost: 2 fds and ~250 bytes per relayed connection. A direction
  *   copies through the thread's one read buffer and allocates only what a
  *   write left over; after a read that filled the buffer it splices through a
- *   pipe of the pool until its source would block with the pipe empty, and
- *   the pipe goes back to the pool.
+ *   pipe of the pool. When its source would block with the pipe empty the
+ *   pipe is parked (e->parked, in time order), and it goes back to the pool
+ *   once unused for PIPE_IDLE_MS: a stream keeps splicing, an idle
+ *   connection is back to 2 fds within a second.
  * - Semantics are wormholed/proxy/tcp.py's: edge-triggered epoll registered
  *   once per socket; back-pressure by not reading a source while its bytes
  *   wait; EOF -> shutdown(SHUT_WR) of the other side, both EOFs -> close
@@ -61,6 +63,7 @@
 #define ROUNDS 16           /* reads (pipe-fulls) per direction per wake-up */
 #define ACCEPT_BATCH 64
 #define POOL_MAX 128        /* idle empty pipes kept */
+#define PIPE_IDLE_MS 1000   /* a direction's pipe, empty and unused this long, goes back to the pool */
 #define SPARES 32           /* sockets made per trip into another namespace */
 #define CONNECT_MS 5000
 #define BACKOFF_MS 100
@@ -98,6 +101,8 @@ struct half {                /* one direction: fd[dir] -> fd[!dir] */
     char *buf;               /* what a partial write left over (read/write mode) */
     uint8_t dir, done, nosplice, queued;
     struct link ready;
+    struct link parked;      /* in e->parked while its pipe is empty and unused, since parked_at */
+    int64_t parked_at;
 };
 
 struct conn {
@@ -135,7 +140,7 @@ struct engine {
     int stop, away;          /* the engine thread's from here; away: not in its home netns */
     char *rbuf;
     int pool[POOL_MAX][2], npool;
-    struct link active, ready, connecting, backoffs, dead;
+    struct link active, ready, connecting, backoffs, dead, parked;
     struct cmd stop_cmd;
 };
 
@@ -176,6 +181,7 @@ static void take_pipe(struct engine *e, struct half *h) {
 
 /* The half's pipe back to the pool if it is empty, else closed. */
 static void release_pipe(struct engine *e, struct half *h) {
+    l_del(&h->parked);
     if (h->pr < 0) return;
     if ((h->buf || !h->pending) && e->npool < POOL_MAX) {
         e->pool[e->npool][0] = h->pr, e->pool[e->npool][1] = h->pw;
@@ -186,7 +192,17 @@ static void release_pipe(struct engine *e, struct half *h) {
     h->pr = h->pw = -1;
 }
 
+/* A stream that drained its source keeps its pipe a while: the next burst splices at once instead
+   of copying a buffer-full before it switches. Parked pipes are released by age (expire), so an
+   idle connection is back to its 2 fds within PIPE_IDLE_MS. */
+static void park_pipe(struct engine *e, struct half *h) {
+    l_del(&h->parked);
+    h->parked_at = now_ms();
+    l_add(&e->parked, &h->parked);
+}
+
 static void drop_pool(struct engine *e) {
+    while (!l_empty(&e->parked)) release_pipe(e, OF(e->parked.next, struct half, parked));
     for (; e->npool; e->npool--) close(e->pool[e->npool - 1][0]), close(e->pool[e->npool - 1][1]);
 }
 
@@ -319,9 +335,9 @@ static void pump(struct engine *e, struct conn *c, int d) {
         }
         if (h->pr >= 0) {
             n = splice(src, NULL, h->pw, NULL, PIPE_SIZE, SPLICE_FLAGS);
-            if (n > 0) { h->pending = (uint32_t)n; continue; }
+            if (n > 0) { h->pending = (uint32_t)n; l_del(&h->parked); continue; }
             if (n == 0) { end = 1; break; }
-            if (errno == EAGAIN) { release_pipe(e, h); break; } /* idle and empty: the pipe goes back */
+            if (errno == EAGAIN) { park_pipe(e, h); break; } /* drained, the pipe empty: parked */
             if (errno == EINVAL) { release_pipe(e, h); h->nosplice = 1; continue; } /* cannot splice */
             err = errno;
             break;
@@ -547,14 +563,23 @@ static int next_timeout(struct engine *e) {
         int64_t b = OF(e->backoffs.next, struct listener, backoff)->resume_at;
         if (b < at) at = b;
     }
+    if (!l_empty(&e->parked)) {
+        int64_t p = OF(e->parked.next, struct half, parked)->parked_at + PIPE_IDLE_MS;
+        if (p < at) at = p;
+    }
     if (at == INT64_MAX) return -1;
     int64_t wait = at - now_ms();
     return wait < 0 ? 0 : wait > 60000 ? 60000 : (int)wait + 1;
 }
 
 static void expire(struct engine *e) {
-    if (l_empty(&e->connecting) && l_empty(&e->backoffs)) return;
+    if (l_empty(&e->connecting) && l_empty(&e->backoffs) && l_empty(&e->parked)) return;
     int64_t now = now_ms();
+    while (!l_empty(&e->parked)) { /* oldest first: parked in time order */
+        struct half *h = OF(e->parked.next, struct half, parked);
+        if (h->parked_at + PIPE_IDLE_MS > now) break;
+        release_pipe(e, h);
+    }
     while (!l_empty(&e->connecting)) {
         struct conn *c = OF(e->connecting.next, struct conn, timer);
         if (c->deadline > now) break;
@@ -709,7 +734,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     pthread_cond_init(&e->cv, NULL);
     e->cmds_tail = &e->cmds;
     l_init(&e->table), l_init(&e->active), l_init(&e->ready);
-    l_init(&e->connecting), l_init(&e->backoffs), l_init(&e->dead);
+    l_init(&e->connecting), l_init(&e->backoffs), l_init(&e->dead), l_init(&e->parked);
     e->stop_cmd.sync = 1; /* embedded: never freed; nobody waits for it (join does) */
     e->ep = epoll_create1(EPOLL_CLOEXEC);
     e->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
