@@ -10,7 +10,7 @@ import click
 
 from .addr import Address, AddressError
 from .client import call_once
-from .keys import DEFAULT_KEYFILE, KeyFileError, keygen, load_key
+from .keys import DEFAULT_KEYFILE, KeyFileError, client_context, keygen, load_key
 from .protocol import RpcError
 from .spec import SpecError, parse, plan
 
@@ -83,8 +83,9 @@ def ping(obj: Ctx, host):
     """Round trip to the daemon (or through it to HOST's daemon), in milliseconds."""
     if host is None:  # from connecting to the answer: connection, TLS-PSK handshake, one round trip
         key = load_key(obj.keyfile)
+        ctx = client_context(key)  # this process's own setup, not part of the round trip
         start = time.perf_counter()
-        call_once(obj.addr, key, "ping")
+        call_once(obj.addr, key, "ping", ctx=ctx)
         ms = (time.perf_counter() - start) * 1000
     else:
         ms = obj.call("ping", {"host": host})["ms"]

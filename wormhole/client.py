@@ -101,11 +101,12 @@ def _blocking_socket(addr: Address, timeout: float) -> socket.socket:
 
 
 def call_once(addr: Address, key: bytes, method: str, params: dict | None = None, *,
-              timeout: float = CONNECT_TIMEOUT, identity: str | None = None):
+              timeout: float = CONNECT_TIMEOUT, identity: str | None = None, ctx: ssl.SSLContext | None = None):
     """One call on a fresh connection, with blocking sockets: what the CLI makes. No event loop
     to build, and ssl's own socket I/O: a call costs the connection, the handshake and one
-    round trip. Errors as open_client's and Client.call's."""
-    ctx = client_context(key, identity)
+    round trip. ctx: a client_context(key, identity) made beforehand. Errors as open_client's
+    and Client.call's."""
+    ctx = ctx or client_context(key, identity)
     try:
         raw = _blocking_socket(addr, timeout)
         try:
