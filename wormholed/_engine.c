@@ -99,7 +99,7 @@ struct half {                /* one direction: fd[dir] -> fd[!dir] */
     int pr, pw;              /* a pipe of the pool while splicing, else -1 */
     uint32_t pending, off;   /* bytes read, not yet written: in buf if any, else in the pipe */
     char *buf;               /* what a partial write left over (read/write mode) */
-    uint8_t dir, done, nosplice, queued;
+    uint8_t dir, done, nosplice, queued, hup; /* hup: the source reported RDHUP/HUP/ERR */
     struct link ready;
     struct link parked;      /* in e->parked while its pipe is empty and unused, since parked_at */
     int64_t parked_at;
@@ -354,7 +354,13 @@ static void pump(struct engine *e, struct conn *c, int d) {
             memcpy(h->buf, e->rbuf + m, (size_t)(n - m));
             h->pending = (uint32_t)(n - m), h->off = 0;
         }
-        if (n == BUF_SIZE && !h->nosplice) take_pipe(e, h); /* a bulk transfer: splice from now on */
+        if (n == BUF_SIZE) {
+            if (!h->nosplice) take_pipe(e, h); /* a bulk transfer: splice from now on */
+        } else if (!h->hup && !h->pending) {
+            /* A short read drained the socket: what arrives next is a new edge, so the read that
+               would say EAGAIN is skipped; not once the source hung up (no edge reports its EOF). */
+            break;
+        }
     }
     if (moved) count(c->l, d ? BYTES_OUT : BYTES_IN, moved);
     if (err) failed(e, c, err);
@@ -378,6 +384,7 @@ static void connect_failed(struct engine *e, struct conn *c, int err) {
 static void on_conn(struct engine *e, struct conn *c, int s, uint32_t ev) {
     struct half *in = &c->h[s], *out = &c->h[!s]; /* in reads fd[s]; out writes it */
     if (c->closed) return;
+    if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) in->hup = 1;
     if (c->connecting) { /* only the tail is registered */
         if (!(ev & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
         int err = ev & EPOLLOUT && !(ev & EPOLLERR) ? 0 : sock_error(c->fd[1]); /* a failure sets EPOLLERR */
