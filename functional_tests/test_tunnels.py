@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from harness import Host, capture, reap_orphans, recv_all, veth
+from harness import SLOW, Host, capture, reap_orphans, recv_all, veth
 from test_wormholes import port_of, roundtrip
 
 OVERLAY = ipaddress.ip_network("100.64.0.0/14")
@@ -100,10 +100,15 @@ def assert_mebibyte_both_ways(h1: Host, ip1: str, h2: Host, ip2: str, port_: int
     for here, there, ip in ((h1, h2, ip2), (h2, h1, ip1)):
         there.echo_server(port_, host=ip)
         data = os.urandom(MiB)
-        with here.connect(port_, ip, timeout=20) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            assert recv_all(s) == data, f"{here.name} -> {ip}:{port_}"
+        with here.connect(port_, ip, timeout=20 * SLOW) as s:
+            # Send while reading the echo: a sender that reads nothing until it has sent all
+            # deadlocks once the bytes in flight exceed what the socket buffers hold.
+            sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+            sender.start()
+            try:
+                assert recv_all(s) == data, f"{here.name} -> {ip}:{port_}"
+            finally:
+                sender.join()
 
 
 def steady(h: Host):
