@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import os
 import select
 import socket
@@ -14,14 +13,11 @@ import threading
 import pytest
 
 from wormholed import _engine
+from fds import no_new_fds
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates a network namespace")
 
 LOCAL = "127.0.0.1"
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -38,12 +34,8 @@ def netns():
 
 @pytest.fixture(autouse=True)
 def no_fd_leak():
-    gc.collect()
-    before = open_fds()
-    yield
-    gc.collect()
-    leaked = open_fds() - before
-    assert not leaked, leaked
+    with no_new_fds():
+        yield
 
 
 def listening_in(name: str, host: str = LOCAL) -> socket.socket:

@@ -23,6 +23,7 @@ import threading
 import time
 
 import pytest
+from fds import describe, no_new_fds, open_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,26 +40,10 @@ LINGER0 = b"\1\0\0\0\0\0\0\0"
 RESETS = (errno.ECONNRESET, errno.EPIPE)
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def describe(fds) -> dict:
-    out = {}
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-    return out
-
-
 @pytest.fixture(autouse=True)
 def no_fd_leak():
-    gc.collect()
-    before = open_fds()
-    yield
-    gc.collect()
-    leaked = open_fds() - before
-    assert not leaked, describe(leaked)
+    with no_new_fds():
+        yield
 
 
 @pytest.fixture
@@ -328,7 +313,7 @@ ssize_t splice(int in, loff_t *a, int out, loff_t *b, size_t len, unsigned int f
 
 SPLICE_CHILD = """
 import ctypes, os, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "..", "functional_tests")]  # test_engine; fds
 import test_engine as t
 eng = t._engine.Engine()
 s = t.Setup(eng)
