@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import gc
 import os
 import socket
 import stat
@@ -30,6 +29,7 @@ from wormholed.netns import Netns, NetnsError, make_socket
 from wormholed.proxy.native import EngineHub, NativeTcpProxy
 from wormholed.proxy.tcp import Stats, TcpProxy, dial
 from wormholed.proxy.udp import UdpProxy, dial_udp
+from fds import no_new_fds
 
 LOCAL = "127.0.0.1"
 
@@ -45,10 +45,6 @@ def uvloop_test(fn):
     return wrapper
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
 @pytest.fixture(scope="session")
 def process_wide_fds():
     """What stays open for the whole process once used: libuv's signal pipe, the home netns."""
@@ -58,13 +54,8 @@ def process_wide_fds():
 
 @pytest.fixture(autouse=True)
 def no_fd_leak(process_wide_fds):
-    gc.collect()
-    before = open_fds()
-    yield
-    gc.collect()
-    leaked = open_fds() - before
-    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked
-                        if os.path.exists(f"/proc/self/fd/{fd}")}
+    with no_new_fds():
+        yield
 
 
 # --------------------------------------------------------------------------
@@ -617,6 +608,37 @@ async def test_bytes_cross_namespaces_and_the_loop_thread_stays_home(two_namespa
                     client.close()
                     assert got == data
             assert thread_netns() == home
+
+
+@needs_root
+@uvloop_test
+async def test_native_connect_failing_other_than_refused_drops_the_client_at_once(two_namespaces):
+    """No route to the tail (namespace A routes only 192.0.2.0/24): the engine's connect fails
+    with ENETUNREACH. Dialling again would fail the same way (or, for a timeout, wait as long
+    again), so the client is dropped, ``failed`` hears why, and Python's dial() is not used."""
+    dialled, failures = [], []
+
+    async def dial_again():
+        dialled.append(1)
+        raise AssertionError("dialled again")
+
+    with Netns.named(two_namespaces[0]) as ns_a:
+        hub = EngineHub()
+        head = await make_socket(None, socket.AF_INET, socket.SOCK_STREAM, bind=(LOCAL, 0), listen=8)
+        proxy = NativeTcpProxy(head, dial_again, hub=hub, failed=failures.append)
+        try:
+            proxy.start()
+            proxy.set_target(ns_a, "203.0.113.1", 80)
+            reader, writer = await connect(head.getsockname()[1])
+            assert await read_outcome(reader) in ("reset", "eof")
+            await closed(writer)
+            await wait_for(lambda: failures)
+            assert [f.errno for f in failures] == [errno.ENETUNREACH] and not dialled
+            assert "Network is unreachable" in str(failures[0])
+            assert proxy.stats.connections == 0 and proxy.stats.total == 1
+        finally:
+            await proxy.aclose()
+            hub.close()
 
 
 @needs_root

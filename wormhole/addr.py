@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from .spec import SpecError, hostport, split_host_port
@@ -11,6 +12,17 @@ DEFAULT_PORT = 9999
 
 class AddressError(ValueError):
     pass
+
+
+def literal_family(host: str) -> int:
+    """AF_INET or AF_INET6 for an address literal, 0 for a name (to resolve)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except OSError:
+            pass
+    return 0
 
 
 @dataclass(frozen=True)

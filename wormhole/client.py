@@ -8,7 +8,7 @@ import socket
 import ssl
 
 from . import protocol
-from .addr import Address
+from .addr import Address, literal_family
 from .keys import client_context
 from .protocol import Failed, RpcError
 
@@ -95,7 +95,18 @@ def _blocking_socket(addr: Address, timeout: float) -> socket.socket:
             sock.close()
             raise
         return sock
-    sock = socket.create_connection((addr.host or "127.0.0.1", addr.port), timeout=timeout)
+    host = addr.host or "127.0.0.1"
+    family = literal_family(host)
+    if not family:  # a name: resolved (create_connection tries each address)
+        sock = socket.create_connection((host, addr.port), timeout=timeout)
+    else:  # no getaddrinfo: its first call in a process costs ~2 ms (NSS set-up), more than the round trip
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((host, addr.port))
+        except BaseException:
+            sock.close()
+            raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

@@ -138,7 +138,8 @@ class Segment:
             if udp:
                 self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log)
             elif self.env.engine is not None:
-                self._proxy = NativeTcpProxy(sock, self._connect_tail, hub=self.env.engine, stats=self.stats, log=log)
+                self._proxy = NativeTcpProxy(sock, self._connect_tail, hub=self.env.engine, stats=self.stats,
+                                              failed=lambda _: self._tail_failed(self.target), log=log)
             else:
                 self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log)
             self._proxy.start()
@@ -197,9 +198,13 @@ class Segment:
         try:
             return await dial(t.ns, t.host, t.port, wait=getattr(self._proxy, "finish_connect", None))
         except OSError:
-            if self.remote is not None and self.target is t:
-                self._disarm()
+            self._tail_failed(t)
             raise
+
+    def _tail_failed(self, t: Target | None) -> None:
+        """A connection to tail t failed for good: a remote child that stopped answering is dropped."""
+        if self.remote is not None and t is not None and self.target is t:
+            self._disarm()
 
     def _disarm(self) -> None:
         """The remote child stopped answering (its daemon restarted, say): drop this

@@ -13,7 +13,9 @@ control plane:
   accepted while the tail is unknown (a trigger runs first, or the tail is a
   name to resolve), or after the engine's connect failed (refused: the tail
   is still starting, and Python's dial() retries for 5 s). Python dials as
-  the pure-Python proxy does and gives the pair back to the engine.
+  the pure-Python proxy does and gives the pair back to the engine. Any
+  other failed connect (timed out, unreachable) is final, as it is for
+  dial(): the client is dropped and ``failed`` hears of it.
 
 ``WORMHOLE_ENGINE=python`` selects the pure-Python relay (tcp.py) instead;
 without the built extension the daemon uses it too, and says so.
@@ -23,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import errno
 import logging
 import os
 import socket
+from typing import Callable
 
-from .tcp import Connect, Stats, _abort
+from wormhole.addr import literal_family
+
+from .tcp import Connect, Stats, _abort, prepare_listener
 
 try:
     from wormholed import _engine
@@ -80,21 +85,15 @@ class EngineHub:
         self.engine = None
 
 
-def _literal(host: str) -> int:
-    try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return 0
-
-
 class NativeTcpProxy:
     """Accepts on a listening socket through the engine and relays each connection to the
     target (``set_target``), or to ``connect()`` while there is none."""
 
     def __init__(self, sock: socket.socket, connect: Connect, *, hub: EngineHub, stats: Stats | None = None,
-                 log: logging.Logger = _log) -> None:
+                 failed: Callable[[OSError], None] | None = None, log: logging.Logger = _log) -> None:
         self._sock = sock
         self._connect = connect
+        self._failed = failed  # told of an engine connect that failed for good
         self._hub = hub
         self._stats = stats if stats is not None else Stats()
         self.log = log
@@ -105,15 +104,13 @@ class NativeTcpProxy:
     def start(self) -> None:
         if self._closed or self._lid is not None:
             raise RuntimeError("NativeTcpProxy already started or closed")
-        self._sock.setblocking(False)
-        # Accepted sockets inherit TCP_NODELAY from the listener.
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prepare_listener(self._sock)
         self._lid = self._hub.engine.listen(self._sock.fileno())
         self._hub._proxies[self._lid] = self
 
     def set_target(self, ns, host: str, port: int) -> None:
         """Let the engine connect new clients to host:port in ns itself (an address, not a name)."""
-        family = _literal(host)
+        family = literal_family(host)
         if self._lid is None or self._closed:
             return
         if not family:  # a name: Python's dial() resolves it, per connection
@@ -135,6 +132,13 @@ class NativeTcpProxy:
 
     def _handoff(self, fd: int, err: int) -> None:
         conn = socket.socket(fileno=fd)
+        if err and err != errno.ECONNREFUSED:  # dialling again would fail the same way, or wait as long
+            _abort(conn)
+            exc = OSError(err, f"cannot connect to the tail: {os.strerror(err)}")
+            self.log.warning("connection dropped: %s", exc.strerror)
+            if self._failed is not None:
+                self._failed(exc)
+            return
         task = asyncio.Task(self._dial(conn, err), loop=self._hub._loop, eager_start=True)
         if not task.done():
             self._tasks.add(task)

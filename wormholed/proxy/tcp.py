@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from wormhole.addr import literal_family
 from wormholed.netns import Netns, hostport, make_socket
 
 __all__ = ["Stats", "Connect", "FinishConnect", "TcpProxy", "dial", "resolve"]
@@ -286,9 +287,7 @@ class TcpProxy:
         self._loop = asyncio.get_running_loop()
         self._epoll = select.epoll()
         self._loop.add_reader(self._epoll.fileno(), self._on_events)
-        self._sock.setblocking(False)
-        # Accepted sockets inherit TCP_NODELAY from the listener: one call, not one per client.
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prepare_listener(self._sock)
         self._family = int(self._sock.family)
         self._resume_accepting()
 
@@ -465,14 +464,10 @@ class TcpProxy:
 # Dialling the tail
 
 
-def _literal_family(host: str) -> int:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            return family
-        except OSError:
-            pass
-    return 0
+def prepare_listener(sock: socket.socket) -> None:
+    """Non-blocking, and TCP_NODELAY, which accepted sockets inherit: one call, not one per client."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def resolve(host: str, port: int, type: int) -> tuple[int, tuple]:
@@ -480,7 +475,7 @@ async def resolve(host: str, port: int, type: int) -> tuple[int, tuple]:
 
     Names resolve in the daemon's own namespace, with its /etc/resolv.conf.
     """
-    family = _literal_family(host)
+    family = literal_family(host)
     if family:
         return family, (host, port)
     loop = asyncio.get_running_loop()
