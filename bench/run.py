@@ -463,14 +463,15 @@ def _cpu_goal(row: Row, by: dict[str, Row]):
     return f"{w} vs {a}", w <= a
 
 
-def _udp_figure(row: Row, by: dict[str, Row]):
+def _udp_goal(row: Row, by: dict[str, Row]):
     if row.name not in UDP_ROWS:
         return "-", None  # the same UDP relay as the wormhole row
-    s = by.get("socat")
-    r = ratio(row.udp_per_s, s.udp_per_s if s else None)
-    if row.udp_per_s is None:
-        return None
-    return (f"{row.udp_per_s:.0f}" + ("" if r is None else f" = {r:.2f}x socat")), None
+    return _ratio_goal(lambda r: r.udp_per_s, "socat", UDP_GOAL)(row, by)
+
+
+# Set from the first measurements (1.31x and 1.44x socat, on a loaded and a quiet machine):
+# the UDP relay must keep that lead.
+UDP_GOAL = 1.25
 
 
 GOALS = (
@@ -482,7 +483,7 @@ GOALS = (
     Goal("throughput >= 0.75x direct", _ratio_goal(lambda r: r.bps, "direct", 0.75)),
     Goal("throughput >= 1.0x systemd-socket-proxyd", _ratio_goal(lambda r: r.bps, "systemd-socket-proxyd", 1.0)),
     Goal("wormhole ping p50 <= 5 ms", _at_most(lambda r: r.ping_p50, 5, "{:.1f}")),
-    Goal("UDP dgram/s (no goal yet)", _udp_figure),
+    Goal(f"UDP dgram/s >= {UDP_GOAL}x socat", _udp_goal),
 )
 
 

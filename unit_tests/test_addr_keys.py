@@ -22,7 +22,13 @@ def test_address_parse(text, default, expect):
     assert Address.parse(text, default) == expect
 
 
-@pytest.mark.parametrize("text", ["unix://relative", "http://x:1", "tcp://:99999", ":0", "[::1:80", "a:b"])
+def test_relative_unix_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Address.parse("unix://./socket") == Address("unix", path=str(tmp_path / "socket"))
+    assert Address.parse("unix://run/w.sock") == Address("unix", path=str(tmp_path / "run/w.sock"))
+
+
+@pytest.mark.parametrize("text", ["unix://", "http://x:1", "tcp://:99999", ":0", "[::1:80", "a:b"])
 def test_address_errors(text):
     with pytest.raises(AddressError):
         Address.parse(text)
@@ -38,6 +44,15 @@ def _write(tmp_path, data, mode=0o600):
     path.write_bytes(data)
     os.chmod(path, mode)
     return str(path)
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, lambda p, mode: None], ids=["fifo", "device"])
+def test_key_file_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path, make):
+    """A FIFO would block open() until a writer comes: it is opened non-blocking and refused."""
+    path = str(tmp_path / "key.secret")
+    make(path, 0o600)
+    with pytest.raises(KeyFileError, match="is not a regular file"):
+        load_key(path if os.path.exists(path) else "/dev/null")
 
 
 def test_key_trailing_whitespace_ignored(tmp_path):

@@ -46,6 +46,20 @@ def test_bad_requests(line, code):
     assert e.value.code == code
 
 
+def test_deep_nesting_is_a_parse_error_naming_the_limit():
+    with pytest.raises(RpcError, match=f"nested 100000 levels deep \\(the limit is {protocol.MAX_NESTING}\\)") as e:
+        protocol.parse_request(b"[" * 100000)
+    assert e.value.code == protocol.PARSE_ERROR
+    deep = b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"a":' + b"[" * 40 + b"]" * 40 + b"}}"
+    with pytest.raises(RpcError, match="nested 42 levels"):
+        protocol.parse_request(deep)
+    # brackets inside strings (escaped quotes too) do not count
+    text = b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"a":"\\"' + b"[" * 100 + b'"}}'
+    assert protocol.parse_request(text).params == {"a": '"' + "[" * 100}
+    ok = b'{"jsonrpc":"2.0","id":1,"method":"echo","params":{"a":' + b"[" * 30 + b"]" * 30 + b"}}"
+    assert protocol.parse_request(ok).method == "echo"
+
+
 def test_request_round_trip():
     req = protocol.parse_request(protocol.request(7, "create", {"words": ["url", ":80"]}).rstrip(b"\n"))
     assert (req.id, req.method, req.params) == (7, "create", {"words": ["url", ":80"]})

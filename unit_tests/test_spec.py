@@ -271,3 +271,14 @@ def test_chain_ids_and_remote_child_ids():
     r = P("url :3306 tunnel myserver")
     assert r.remote_child_id("x") == "x.1" and p.remote_child_id("a") is None
     assert P("url :3306 remote h id far").remote_child_id("x") == "far"
+
+
+def test_limits_on_words_length_and_links():
+    from wormhole.spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS
+    with pytest.raises(SpecError, match=f"too many words: 10000 \\(the limit is {MAX_WORDS}\\)"):
+        parse(["chain"] * 10000)
+    with pytest.raises(SpecError, match=f"the limit is {MAX_WORD_LENGTH}"):
+        parse(["url", ":" + "1" * (MAX_WORD_LENGTH + 1)])
+    with pytest.raises(SpecError, match="too many linked wormholes: 17"):
+        parse(["url", ":80"] + ["chain"] * (MAX_LINKS + 1))
+    parse(["url", ":80"] + ["chain"] * MAX_LINKS)  # at the limit: fine

@@ -1,7 +1,9 @@
-"""Control-channel addresses: `tcp://host:port`, `host:port`, `:port`, `host`, `unix:///path`."""
+"""Control-channel addresses: `tcp://host:port`, `host:port`, `:port`, `host`, `unix:///path`
+(or `unix://relative/path`, resolved against the working directory)."""
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -36,9 +38,10 @@ class Address:
     def parse(cls, text: str, default_host: str | None = None) -> Address:
         if text.startswith("unix://"):
             path = text[len("unix://"):]
-            if not path.startswith("/"):
-                raise AddressError(f"bad address {text!r}: write unix:///absolute/path")
-            return cls("unix", path=path)
+            if not path:
+                raise AddressError(f"bad address {text!r}: write unix:///absolute/path or unix://relative/path")
+            # A relative path (unix://./sock) is resolved against the working directory, now.
+            return cls("unix", path=os.path.abspath(path))
         rest = text[len("tcp://"):] if text.startswith("tcp://") else text
         if "://" in rest:
             raise AddressError(f"bad address {text!r}: use tcp:// or unix://")

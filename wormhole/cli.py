@@ -12,7 +12,7 @@ from .addr import Address, AddressError
 from .client import call_once
 from .keys import DEFAULT_KEYFILE, KeyFileError, client_context, keygen, load_key
 from .protocol import RpcError
-from .spec import SpecError, parse, plan
+from .spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS, SpecError, parse, plan
 
 CREATE_HELP = """Create a wormhole from chained WORDS; prints "ID URL" (URL: where its head listens).
 
@@ -37,13 +37,17 @@ Defaults: head tcp://127.0.0.1 on the given or an ephemeral port; the tail
 dials 127.0.0.1 in the daemon's namespace on the head's port.
 
 \b
+Limits: {words} words, {length} characters a word, {links} child/chain/remote/
+tunnel words in one create.
+
+\b
 Examples:
   wormhole create url :8080 tail url :80
   wormhole create url :53 tail url udp://dns@:53
   wormhole create url :3306 tail docker-ns mysql
   wormhole create url :80 trigger docker-run "wormhole/wordpress"
   wormhole create url :3306 tunnel myserver trigger docker-ns mysql
-"""
+""".format(words=MAX_WORDS, length=MAX_WORD_LENGTH, links=MAX_LINKS)
 
 
 class Ctx:

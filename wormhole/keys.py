@@ -24,7 +24,9 @@ class KeyFileError(Exception):
 def load_key(path: str = DEFAULT_KEYFILE) -> bytes:
     """The key's bytes; refuses a missing, empty, or group/other-readable file (like ssh)."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(mode):
                 raise KeyFileError(f"key file {path} is not a regular file")
@@ -39,6 +41,8 @@ def load_key(path: str = DEFAULT_KEYFILE) -> bytes:
         raise KeyFileError(f"key file {path} cannot be read: permission denied") from None
     except IsADirectoryError:
         raise KeyFileError(f"key file {path} is a directory") from None
+    except OSError as e:  # ENXIO: a FIFO nobody writes to; ELOOP, EIO...
+        raise KeyFileError(f"key file {path} cannot be read: {e.strerror or e}") from None
     if not key:
         raise KeyFileError(f"key file {path} is empty")
     return key

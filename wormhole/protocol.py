@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 MAX_LINE = 1 << 20  # a line (without its newline) longer than this is refused
+MAX_NESTING = 32  # arrays/objects nested deeper than this are refused (a parse error)
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -112,14 +113,45 @@ class Request:
     params: dict
 
 
+def nesting(line: bytes | str) -> int:
+    """How deep the brackets of a JSON text nest (those inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in line.decode("utf-8", "replace") if isinstance(line, bytes) else line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _loads(line: bytes | str, what: str):
+    """json.loads, with the nesting limit checked first (json's parser recurses per level)."""
+    brackets = line.count(b"[" if isinstance(line, bytes) else "[") + line.count(b"{" if isinstance(line, bytes) else "{")
+    if brackets > MAX_NESTING:  # else it cannot nest deeper than the limit: no scan
+        if (depth := nesting(line)) > MAX_NESTING:
+            raise RpcError(PARSE_ERROR, f"{what}: JSON nested {depth} levels deep (the limit is {MAX_NESTING})")
+    try:
+        return json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise RpcError(PARSE_ERROR, f"{what}: {e}") from None
+
+
 def parse_request(line: bytes | Oversize) -> Request:
     """Raises RpcError with the id it could read (in .data) when the line is not a request."""
     if isinstance(line, Oversize):
         raise RpcError(INVALID_REQUEST, f"request line of {line.length} bytes refused (limit {MAX_LINE})")
-    try:
-        msg = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RpcError(PARSE_ERROR, f"parse error: {e}") from None
+    msg = _loads(line, "parse error")
     if not isinstance(msg, dict):
         raise RpcError(INVALID_REQUEST, "invalid request: not a JSON object")
     id_ = msg.get("id")
@@ -135,10 +167,7 @@ def parse_response(line: bytes | Oversize, expect_id) -> object:
     """The result of a response line, or raise the RpcError it carries."""
     if isinstance(line, Oversize):
         raise RpcError(INVALID_REQUEST, f"response line of {line.length} bytes refused")
-    try:
-        msg = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RpcError(PARSE_ERROR, f"bad response from daemon: {e}") from None
+    msg = _loads(line, "bad response from daemon")
     if not isinstance(msg, dict) or msg.get("id") != expect_id:
         raise RpcError(INVALID_REQUEST, "bad response from daemon: wrong or missing id")
     if "error" in msg:

@@ -38,6 +38,13 @@ ARITY = {
     "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "tail": 0, "trigger": 0,
     "child": 0, "chain": 0, "remote": 1, "tunnel": 1, "udptunnel": 1,
 }
+# Limits on what one create may say (documented in `help create` and the README): far
+# above any real chain, low enough that parsing and planning (recursive, one level per
+# linked wormhole) stay cheap and never reach Python's recursion limit.
+MAX_WORDS = 256
+MAX_WORD_LENGTH = 4096
+MAX_LINKS = 16  # child/chain/remote/tunnel/udptunnel words in one create
+LINK_ARITY_WORDS = ("child", "chain", "remote", "tunnel", "udptunnel")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
 WILDCARDS = ("0.0.0.0", "::")
@@ -232,7 +239,21 @@ def parse(words: list[str] | tuple[str, ...], *, child: bool = False) -> Segment
     words = tuple(words)
     if not words and not child:
         raise SpecError("nothing to create: give words such as 'url :8080 tail url :80'")
+    check_limits(words)
     return _parse_segment(words, 0)
+
+
+def check_limits(words: tuple[str, ...]) -> None:
+    """Refuse a create longer than the documented limits, before any parsing."""
+    if len(words) > MAX_WORDS:
+        raise SpecError(f"too many words: {len(words)} (the limit is {MAX_WORDS})")
+    for word in words:
+        if len(word) > MAX_WORD_LENGTH:
+            raise SpecError(f"a word of {len(word)} characters (the limit is {MAX_WORD_LENGTH})")
+    links = sum(1 for w in words if w in LINK_ARITY_WORDS)
+    if links > MAX_LINKS:
+        raise SpecError(f"too many linked wormholes: {links} child/chain/remote/tunnel words "
+                        f"(the limit is {MAX_LINKS})")
 
 
 def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from wormhole import protocol
 from wormhole.keys import server_context
 from wormhole.protocol import RpcError
-from wormhole.spec import PROTOS, Context
+from wormhole.spec import PROTOS, Context, SpecError, check_limits
 
 from .errors import DaemonError, Failed, Refused, to_rpc
 from .peers import Peers
@@ -64,6 +64,10 @@ def _words(params: dict) -> list[str]:
     words = params.get("words")
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise RpcError(protocol.INVALID_PARAMS, "parameter 'words' must be a list of strings")
+    try:
+        check_limits(tuple(words))
+    except SpecError as e:
+        raise RpcError(protocol.INVALID_PARAMS, f"parameter 'words': {e}") from None
     return words
 
 

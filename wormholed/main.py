@@ -34,7 +34,7 @@ from .places import Places
 from .proxy import native
 from .proxy.native import EngineHub
 from .segments import Env
-from .state import StateDir
+from .state import RecordError, StateDir, StateLocked
 from .tunnels.table import Settings, Tunnels
 from .wormholes import Wormholes
 
@@ -123,7 +123,18 @@ def start_engine() -> EngineHub | None:
 async def run(config: Config) -> None:
     raise_fd_limit()
     state = StateDir(config.state_dir)
-    state.ensure()
+    try:
+        state.ensure()
+        state.lock()
+    except (RecordError, StateLocked) as e:
+        raise StartError(str(e)) from None
+    try:
+        await _run(config, state)
+    finally:
+        state.unlock()
+
+
+async def _run(config: Config, state: StateDir) -> None:
     daemon_id = state.daemon_id()
     docker = Docker(daemon_id)
     peers = Peers(config.key)

@@ -2,10 +2,17 @@
 
 A wormhole built for another daemon (a remote child) belongs to that daemon: its
 id here carries its owner's tag (`ID.OWNER8`), so children of two daemons never
-clash, and only records made by this daemon's own users are kept."""
+clash, and only records made by this daemon's own users are kept.
+
+A change is recorded before it is made visible, and refused whole when its
+record cannot be written or removed (a read-only or full state dir). A record
+that cannot be built at start (its container is gone, its port is taken) is
+kept, listed with state `failed` and the reason, can be deleted, and is tried
+again at the next start."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -14,7 +21,7 @@ from wormhole.spec import Context, Plan, SpecError, parse, plan
 from .errors import DaemonError, Refused
 from .places import Places
 from .segments import Env, Segment
-from .state import StateDir
+from .state import RecordError, StateDir, check_wormhole_record
 
 log = logging.getLogger("wormholed")
 
@@ -29,9 +36,10 @@ class Wormholes:
         self._state = state
         self._env = env or Env(Places())
         self._roots: dict[str, Segment | None] = {}  # None: being built (id reserved)
+        self._failed: dict[str, dict] = {}  # id -> {"words", "reason"}: records that could not be restored
 
     def _taken(self) -> set[str]:
-        taken = set()
+        taken = set(self._failed)
         for ident, root in self._roots.items():
             taken.update(root.plan.chain_ids(ident) if root else [ident])
         return taken
@@ -68,6 +76,10 @@ class Wormholes:
             await seg.start()
             if save:
                 self._state.save(root_id, {"id": root_id, "words": list(words)})
+        except RecordError as e:
+            del self._roots[root_id]
+            await seg.aclose()
+            raise Refused(f"wormhole {root_id} not created: {e}") from None
         except BaseException:
             del self._roots[root_id]
             await seg.aclose()
@@ -77,28 +89,55 @@ class Wormholes:
         return {"id": root_id, "url": seg.head_url, "host": seg.plan.head.host, "port": seg.head_port}
 
     async def delete(self, ident: str) -> dict:
+        if ident in self._failed:
+            self._remove_record(ident)
+            del self._failed[ident]
+            log.info("wormhole %s: deleted (it had failed to restore)", ident)
+            return {"id": ident, "warnings": []}
         seg = self._roots.get(ident)
         if seg is None:
             for root_id, root in self._roots.items():
                 if root and ident in root.plan.chain_ids(root_id):
                     raise Refused(f"wormhole {ident!r} is part of {root_id!r}: delete {root_id!r}")
+            if ident in self._roots:
+                raise Refused(f"wormhole {ident!r} is being created: delete it once it is")
             raise Refused(f"no wormhole with id {ident!r}")
+        self._remove_record(ident)  # first: a delete that cannot be recorded changes nothing
         del self._roots[ident]
-        self._state.remove(ident)
         await seg.aclose()
         log.info("wormhole %s: deleted", ident)
         return {"id": ident, "warnings": seg.warnings}
 
+    def _remove_record(self, ident: str) -> None:
+        try:
+            self._state.remove(ident)
+        except RecordError as e:
+            raise Refused(f"wormhole {ident} not deleted: {e}") from None
+
     def list(self) -> list[dict]:
-        return [s.describe() for root in self._roots.values() if root for s in root.chain()]
+        rows = [s.describe() for root in self._roots.values() if root for s in root.chain()]
+        for ident, failed in self._failed.items():
+            rows.append({"id": ident, "parent": None, "child": None, "remote": None, "transport": None,
+                         "head": " ".join(failed["words"]), "tail": f"(not restored: {failed['reason']})",
+                         "state": "failed", "reason": failed["reason"], "connections": 0, "total": 0,
+                         "bytes_in": 0, "bytes_out": 0})
+        return rows
 
     async def restore(self) -> None:
-        """Rebuild the wormholes recorded by an earlier run (listening again, triggers armed)."""
-        for record in self._state.load():
+        """Rebuild the wormholes recorded by an earlier run (listening again, triggers armed);
+        those that cannot be built are kept as failed (listed, deletable, tried at the next start)."""
+        for record in self._state.load(check=check_wormhole_record):
+            ident, words = record["id"], record["words"]
             try:
-                await self.create(record["words"], record["id"], save=False)
-            except (DaemonError, KeyError, TypeError) as e:
-                log.error("could not restore wormhole %s: %s", record.get("id", "?"), e)
+                await self.create(words, ident, save=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # whatever it was, the daemon starts and the record stays
+                reason = str(e) if isinstance(e, DaemonError) else f"{type(e).__name__}: {e}"
+                log.error("could not restore wormhole %s: %s (listed as failed; tried again at the "
+                          "next start, or delete it)", ident, reason)
+                self._roots.pop(ident, None)
+                self._failed[ident] = {"words": list(words), "reason": reason}
 
     async def aclose(self) -> None:
         """Tear down every wormhole; their records stay for the next start."""
