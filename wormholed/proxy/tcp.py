@@ -46,6 +46,7 @@ class Stats:
     total: int = 0  # accepted so far
     bytes_in: int = 0  # client -> tail
     bytes_out: int = 0  # tail -> client
+    refused: int = 0  # turned away by a limit: max-conns, the fd reserve (UDP: new flows' datagrams)
 
 
 Connect = Callable[[], Awaitable[socket.socket]]
