@@ -173,7 +173,7 @@ def test_bytes_both_ways(setup):
     assert recv_exactly(server, 4) == b"ping"
     server.sendall(b"pong!")
     assert recv_exactly(client, 5) == b"pong!"
-    counted(setup.stats, (1, 1, 4, 5))  # the engine counts bytes once written: after the reader may have them
+    counted(setup.stats, (1, 1, 4, 5, 0))  # the engine counts bytes once written: after the reader may have them
 
 
 def test_ipv6(eng):
@@ -228,7 +228,7 @@ def test_64_mib_each_way_concurrently(setup):
     server.close()
     assert outcome(client) == "eof"
     wait_for(lambda: setup.stats()[0] == 0)
-    assert setup.stats() == (0, 1, 64 << 20, 64 << 20)
+    assert setup.stats() == (0, 1, 64 << 20, 64 << 20, 0)
 
 
 def test_keep_alive_small_messages_and_bulk_in_between(setup):
@@ -251,7 +251,7 @@ def test_keep_alive_small_messages_and_bulk_in_between(setup):
         assert recv_exactly(client, len(reply)) == reply
         up += len(request)
         down += len(reply)
-    counted(setup.stats, (1, 1, up, down))  # the engine counts bytes once written: after the reader may have them
+    counted(setup.stats, (1, 1, up, down, 0))  # the engine counts bytes once written: after the reader may have them
 
 
 def test_many_connections_at_once(setup):
@@ -422,13 +422,13 @@ def test_without_target_every_connection_is_handed_off_and_relay_takes_it_back(e
         assert [(lid, err) for lid, _, err in handed] == [(s.lid, 0)] * 3
         assert not select.select([eng.fileno()], [], [], 0)[0]  # reading them reset the eventfd
         assert eng.handoffs() == []
-        assert s.stats() == (0, 3, 0, 0)
+        assert s.stats() == (3, 3, 0, 0, 0)  # handed off: still open (Python holds them)
         for _, fd, _ in handed:
             tail = socket.create_connection(s.server.getsockname(), timeout=10)
             tail.setblocking(False)
             os.set_blocking(fd, False)
             eng.relay(s.lid, fd, tail.detach())
-        assert s.stats()[:2] == (3, 3)
+        assert s.stats()[:2] == (3, 3)  # relay() takes them back, counted once
         servers = []
         for _ in clients:
             conn, _ = s.server.accept()
@@ -443,7 +443,7 @@ def test_without_target_every_connection_is_handed_off_and_relay_takes_it_back(e
             conn.sendall(b"back")
         for c in clients:
             assert recv_exactly(c, 4) == b"back"
-        counted(s.stats, (3, 3, 21, 12))  # the engine counts bytes once written: after the reader may have them
+        counted(s.stats, (3, 3, 21, 12, 0))  # the engine counts bytes once written: after the reader may have them
     finally:
         s.close()
 
@@ -460,7 +460,9 @@ def test_a_refused_connect_is_handed_off_with_its_errno(eng):
         with socket.socket(fileno=fd) as handed:  # Python owns it: the client's bytes are there
             handed.settimeout(5)
             assert handed.recv(100) == b"early"
-        assert s.stats() == (0, 1, 0, 0)
+        assert s.stats() == (1, 1, 0, 0, 0)  # open until Python says it dropped it
+        eng.dropped(s.lid)
+        assert s.stats() == (0, 1, 0, 0, 0)
         eng.clear_target(s.lid)
         s.socks.append(socket.create_connection(s.addr, timeout=10))
         [(lid, fd, err)] = wait_handoffs(eng)
@@ -545,12 +547,115 @@ def test_stats_count_open_and_total(setup):
     for client, server in pairs:
         client.sendall(b"abc")
         assert recv_exactly(server, 3) == b"abc"
-    counted(setup.stats, (10, 10, 30, 0))  # the engine counts bytes once written: after the reader may have them
+    counted(setup.stats, (10, 10, 30, 0, 0))  # the engine counts bytes once written: after the reader may have them
     for client, server in pairs[:4]:
         client.close()
         server.close()
     wait_for(lambda: setup.stats()[0] == 6)
-    assert setup.stats() == (6, 10, 30, 0)
+    assert setup.stats() == (6, 10, 30, 0, 0)
+
+
+# --------------------------------------------------------------------------
+# limits: max_conns, idle_ms
+
+
+def exchange(client: socket.socket, server: socket.socket, data: bytes = b"x") -> None:
+    client.sendall(data)
+    assert recv_exactly(server, len(data)) == data
+    server.sendall(data)
+    assert recv_exactly(client, len(data)) == data
+
+
+def turned_away(addr) -> str:
+    """What a new client gets: 'reset' (at connect, or at its first read: the reset may come first), 'eof', 'data'."""
+    try:
+        sock = socket.create_connection(addr, timeout=10)
+    except ConnectionResetError:
+        return "reset"
+    with sock:
+        return outcome(sock)
+
+
+def nothing_accepted(server: socket.socket) -> bool:
+    server.settimeout(0.2)
+    try:
+        server.accept()[0].close()
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_max_conns_resets_the_next_connection_and_the_others_relay_on(setup):
+    setup.eng.set_limits(setup.lid, 3, 0)
+    pairs = [setup.pair() for _ in range(3)]
+    for client, server in pairs:
+        exchange(client, server)
+    assert turned_away(setup.addr) == "reset"  # accepted, then reset at once
+    assert nothing_accepted(setup.server)  # never relayed
+    counted(setup.stats, (3, 3, 3, 3, 1))  # refused, not in total
+    for client, server in pairs:
+        exchange(client, server, b"still relaying")
+
+
+def test_max_conns_lets_new_connections_in_once_others_closed(setup):
+    setup.eng.set_limits(setup.lid, 2, 0)
+    (a, a_server), (b, b_server) = setup.pair(), setup.pair()
+    a.close()
+    a_server.close()
+    wait_for(lambda: setup.stats()[0] == 1, what="a closed")
+    client, server = setup.pair()  # room again
+    exchange(client, server)
+    exchange(b, b_server)
+    assert turned_away(setup.addr) == "reset"
+    counted(setup.stats, (2, 3, 2, 2, 1))
+
+
+def test_max_conns_counts_handed_off_connections_until_dropped(eng):
+    s = Setup(eng, target=False)
+    try:
+        eng.set_limits(s.lid, 1, 0)
+        s.socks.append(socket.create_connection(s.addr, timeout=10))
+        [(_, fd, _)] = wait_handoffs(eng)  # Python holds it: still one of lid's connections
+        assert turned_away(s.addr) == "reset"
+        assert s.stats() == (1, 1, 0, 0, 1)
+        os.close(fd)
+        eng.dropped(s.lid)
+        s.socks.append(socket.create_connection(s.addr, timeout=10))
+        [(_, fd, _)] = wait_handoffs(eng)
+        os.close(fd)
+        eng.dropped(s.lid)
+        assert s.stats() == (0, 2, 0, 0, 1)
+    finally:
+        s.close()
+
+
+def test_idle_timeout_resets_idle_connections_and_spares_a_trickling_one(setup):
+    """idle_ms 1000: a pair relayed before set_limits and one after, both idle, are reset on both sides
+    and their engine fds closed; a pair moving a byte every 250 ms (either way) lives on."""
+    idle_ms, every = 1000, 0.25
+    trickle, before = setup.pair(), setup.pair()
+    setup.eng.set_limits(setup.lid, 0, idle_ms)
+    after = setup.pair()
+    for pair in (trickle, before, after):
+        exchange(*pair)
+    fds = len(open_fds())
+    deadline = time.monotonic() + 3 * idle_ms / 1000
+    i = 0
+    while time.monotonic() < deadline:
+        time.sleep(every)
+        a, b = trickle if i % 2 else trickle[::-1]
+        a.sendall(b"t")
+        assert recv_exactly(b, 1) == b"t"
+        i += 1
+    for client, server in (before, after):
+        assert outcome(client) == "reset"
+        assert outcome(server) == "reset"
+    wait_for(lambda: setup.stats()[0] == 1, what="the idle relays closed")
+    assert len(open_fds()) == fds - 4  # the engine's two fds of each
+    exchange(*trickle, b"still here")
+    setup.eng.set_limits(setup.lid, 0, 0)  # no timeout any more: trickle leaves the idle list
+    time.sleep(idle_ms / 1000 + 0.3)
+    exchange(*trickle, b"and here")
 
 
 def test_errors(eng):
@@ -560,6 +665,10 @@ def test_errors(eng):
         eng.set_target(12345, socket.AF_INET, LOCAL, 80)
     with pytest.raises(ValueError):
         eng.relay(12345, 100, 101)
+    with pytest.raises(ValueError):
+        eng.set_limits(12345, 1, 0)
+    with pytest.raises(ValueError):
+        eng.dropped(12345)
     with socket.socket() as s:  # not listening
         with pytest.raises(OSError) as exc:
             eng.listen(s.fileno())
@@ -577,6 +686,10 @@ def test_errors(eng):
             eng.set_target(s.lid, socket.AF_UNIX, LOCAL, 80)
         with pytest.raises(ValueError):
             eng.set_target(s.lid, socket.AF_INET, LOCAL, 0)
+        with pytest.raises(ValueError):
+            eng.set_limits(s.lid, -1, 0)
+        with pytest.raises(ValueError):
+            eng.set_limits(s.lid, 0, -1)
     finally:
         s.close()
 

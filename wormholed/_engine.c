@@ -9,8 +9,9 @@
  * Invariants
  * - Threads. The engine thread never touches a Python object. It shares with
  *   Python only the command queue, the handoff queue and the listener table
- *   (under mu), the listeners' counters (atomics; stats() reads them under mu,
- *   so that the listener cannot be freed meanwhile) and the eventfds. All else
+ *   (under mu), the listeners' counters (atomics; stats() and dropped() use
+ *   them under mu, so that the listener cannot be freed meanwhile) and the
+ *   eventfds. All else
  *   (connections, spares, the pipe pool, a listener's fd and target) is the
  *   engine thread's from the listener's LISTEN command until its UNLISTEN ran
  *   (or the thread was joined); Python frees a listener only after that.
@@ -38,6 +39,13 @@
  *   wait; EOF -> shutdown(SHUT_WR) of the other side, both EOFs -> close
  *   (FINs); ECONNRESET/EPIPE -> RST both (SO_LINGER 0); an idle socket reset
  *   after its EOF is noticed through EPOLLERR + SO_ERROR.
+ * - Limits (set_limits). A listener's `open` counts its connections wherever
+ *   they are: connecting, relayed, or handed off (until relay() takes them
+ *   back, still counted, or Python says dropped()). An accept while open >=
+ *   max_conns is reset at once, counted refused, not total. With idle_ms, its
+ *   relayed connections are in `idle` (by `timer`), each moved to the tail
+ *   when bytes move: oldest activity first. sweep() resets both sides of those
+ *   idle for idle_ms, at most SWEEP_MS late. Timers read e->now, set per batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -67,10 +75,12 @@
 #define SPARES 32           /* sockets made per trip into another namespace */
 #define CONNECT_MS 5000
 #define BACKOFF_MS 100
+#define SWEEP_MS 100        /* idle connections are reset at most this late (sweeps at most this often) */
 #define MAX_EVENTS 256
 #define SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
 #define SOCK_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 enum { TAG_LISTENER = 2, TAG_WAKE = 3 }; /* epoll data: pointer | tag; tags 0, 1: a connection's side */
+enum { OPEN, TOTAL, BYTES_IN, BYTES_OUT, REFUSED, NCOUNTS }; /* a listener's counters */
 
 /* ---- intrusive doubly linked lists; next == NULL: in no list ---- */
 struct link { struct link *prev, *next; };
@@ -87,12 +97,13 @@ struct listener {
     struct link active;      /* the engine's listeners */
     int lid, fd, registered; /* fd: our dup of the listening socket; registered: in the epoll set */
     int has_target, family, netns; /* netns: our dup, -1: the engine's home */
+    int max_conns, idle_ms;  /* set_limits; 0: none */
     socklen_t alen;
     struct sockaddr_storage addr; /* the target */
     int spares[SPARES], nspares;
     int64_t resume_at;       /* accepting paused (EMFILE...) until then */
-    struct link backoff, conns; /* backoff: in e->backoffs while paused */
-    int64_t n[4];            /* atomics: open, total, bytes in (client -> tail), bytes out */
+    struct link backoff, conns, idle; /* backoff: in e->backoffs while paused; idle: see Limits */
+    int64_t n[NCOUNTS];      /* atomics: open, total, bytes in (client -> tail), bytes out, refused */
 };
 
 struct half {                /* one direction: fd[dir] -> fd[!dir] */
@@ -110,14 +121,14 @@ struct conn {
     uint8_t reg[2], connecting, closed;
     struct half h[2];
     struct listener *l;
-    struct link node, timer; /* node: in l->conns, in e->dead once closed; timer: in e->connecting */
-    int64_t deadline;        /* of the connect */
+    struct link node, timer; /* node: in l->conns, in e->dead once closed; timer: in e->connecting, l->idle */
+    int64_t at;              /* connecting: the connect's deadline; relayed: when bytes last moved */
 };
 
-enum { C_LISTEN, C_TARGET, C_CLEAR, C_RELAY, C_UNLISTEN, C_STOP };
+enum { C_LISTEN, C_TARGET, C_CLEAR, C_LIMITS, C_RELAY, C_UNLISTEN, C_STOP };
 struct cmd {
     struct cmd *next;
-    int op, sync, done, err, a, b, family; /* a, b: relay's fds; a: target's netns fd */
+    int op, sync, done, err, a, b, family; /* a, b: relay's fds, limits; a: target's netns fd */
     struct listener *l;
     socklen_t alen;
     struct sockaddr_storage addr;
@@ -138,6 +149,7 @@ struct engine {
     struct link table;
     int next_lid;
     int stop, away;          /* the engine thread's from here; away: not in its home netns */
+    int64_t now, sweep_at;   /* now: read after each epoll_wait; sweep_at: the next sweep() */
     char *rbuf;
     int pool[POOL_MAX][2], npool;
     struct link active, ready, connecting, backoffs, dead, parked;
@@ -150,13 +162,18 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-enum { OPEN, TOTAL, BYTES_IN, BYTES_OUT };
 static void count(struct listener *l, int which, int64_t n) { __atomic_fetch_add(&l->n[which], n, __ATOMIC_RELAXED); }
+static void uncount(struct listener *l) { if (l) count(l, OPEN, -1); } /* a connection of l closed */
 
 static void abort_fd(int fd) {
     struct linger lg = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     close(fd);
+}
+
+static void ring(int eventfd) {
+    uint64_t one = 1;
+    if (write(eventfd, &one, sizeof one) < 0) { /* cannot overflow: its reader resets it */ }
 }
 
 static int sock_error(int fd) {
@@ -169,13 +186,9 @@ static int sock_error(int fd) {
 
 static void take_pipe(struct engine *e, struct half *h) {
     int p[2];
-    if (e->npool) {
-        e->npool--;
-        p[0] = e->pool[e->npool][0], p[1] = e->pool[e->npool][1];
-    } else {
-        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) return; /* stay in read/write mode */
-        fcntl(p[1], F_SETPIPE_SZ, PIPE_SIZE);             /* above pipe-max-size: keep the default */
-    }
+    if (e->npool) { e->npool--, h->pr = e->pool[e->npool][0], h->pw = e->pool[e->npool][1]; return; }
+    if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) return; /* stay in read/write mode */
+    fcntl(p[1], F_SETPIPE_SZ, PIPE_SIZE);             /* above pipe-max-size: keep the default */
     h->pr = p[0], h->pw = p[1];
 }
 
@@ -183,12 +196,9 @@ static void take_pipe(struct engine *e, struct half *h) {
 static void release_pipe(struct engine *e, struct half *h) {
     l_del(&h->parked);
     if (h->pr < 0) return;
-    if ((h->buf || !h->pending) && e->npool < POOL_MAX) {
-        e->pool[e->npool][0] = h->pr, e->pool[e->npool][1] = h->pw;
-        e->npool++;
-    } else {
-        close(h->pr), close(h->pw);
-    }
+    if ((h->buf || !h->pending) && e->npool < POOL_MAX)
+        e->pool[e->npool][0] = h->pr, e->pool[e->npool][1] = h->pw, e->npool++;
+    else close(h->pr), close(h->pw);
     h->pr = h->pw = -1;
 }
 
@@ -197,7 +207,7 @@ static void release_pipe(struct engine *e, struct half *h) {
    idle connection is back to its 2 fds within PIPE_IDLE_MS. */
 static void park_pipe(struct engine *e, struct half *h) {
     l_del(&h->parked);
-    h->parked_at = now_ms();
+    h->parked_at = e->now;
     l_add(&e->parked, &h->parked);
 }
 
@@ -208,23 +218,19 @@ static void drop_pool(struct engine *e) {
 
 /* ---- handoffs to Python ---- */
 
-static void handoff(struct engine *e, struct listener *l, int fd, int err) {
-    count(l, OPEN, -1);
+static void handoff(struct engine *e, struct listener *l, int fd, int err) { /* still counted open */
     pthread_mutex_lock(&e->mu);
     if (e->hn == e->hcap) {
         size_t cap = e->hcap ? 2 * e->hcap : 64;
         struct handoff *hq = realloc(e->hq, cap * sizeof *hq);
         if (!hq) {
             pthread_mutex_unlock(&e->mu);
-            return abort_fd(fd);
+            return count(l, OPEN, -1), abort_fd(fd);
         }
         e->hq = hq, e->hcap = cap;
     }
     e->hq[e->hn++] = (struct handoff){l->lid, fd, err};
-    if (e->hn == 1) {
-        uint64_t one = 1;
-        if (write(e->handfd, &one, sizeof one) < 0) { /* cannot overflow: reset by every drain */ }
-    }
+    if (e->hn == 1) ring(e->handfd); /* handoffs() resets it */
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -238,15 +244,13 @@ static int watch(struct engine *e, struct conn *c, int side) {
 
 static void close_sock(struct engine *e, struct conn *c, int side, int reset) {
     if (c->reg[side]) epoll_ctl(e->ep, EPOLL_CTL_DEL, c->fd[side], NULL);
-    if (reset) abort_fd(c->fd[side]);
-    else close(c->fd[side]);
+    reset ? abort_fd(c->fd[side]) : (void)close(c->fd[side]);
 }
 
 /* Leave every list for e->dead; the halves' pipes and buffers go. */
 static void release(struct engine *e, struct conn *c) {
     c->closed = 1;
-    l_del(&c->node);
-    l_del(&c->timer);
+    l_del(&c->node), l_del(&c->timer);
     for (int d = 0; d < 2; d++) {
         l_del(&c->h[d].ready);
         release_pipe(e, &c->h[d]);
@@ -256,8 +260,7 @@ static void release(struct engine *e, struct conn *c) {
 }
 
 static void close_conn(struct engine *e, struct conn *c, int reset) {
-    close_sock(e, c, 0, reset);
-    close_sock(e, c, 1, reset);
+    close_sock(e, c, 0, reset), close_sock(e, c, 1, reset);
     count(c->l, OPEN, -1);
     release(e, c);
 }
@@ -271,9 +274,7 @@ static struct conn *new_conn(struct listener *l, int client, int tail) {
     return c;
 }
 
-static void failed(struct engine *e, struct conn *c, int err) {
-    close_conn(e, c, err == ECONNRESET || err == EPIPE);
-}
+static void failed(struct engine *e, struct conn *c, int err) { close_conn(e, c, err == ECONNRESET || err == EPIPE); }
 
 static void eof(struct engine *e, struct conn *c, int d) {
     c->h[d].done = 1;
@@ -282,8 +283,13 @@ static void eof(struct engine *e, struct conn *c, int d) {
     else shutdown(c->fd[!d], SHUT_WR);       /* an error here: the other half will tell */
 }
 
-static void queue(struct engine *e, struct half *h) {
-    if (!h->queued) h->queued = 1, l_add(&e->ready, &h->ready);
+static void queue(struct engine *e, struct half *h) { if (!h->queued) h->queued = 1, l_add(&e->ready, &h->ready); }
+
+/* Bytes moved (or the relay began): c goes to the tail of its listener's idle list, if it has one. */
+static void touch(struct engine *e, struct conn *c) {
+    if (!c->l->idle_ms) return;
+    l_del(&c->timer), l_add(&c->l->idle, &c->timer), c->at = e->now;
+    e->sweep_at = Py_MIN(e->sweep_at, c->at + c->l->idle_ms);
 }
 
 /* splice() refused the pipe -> dst: move what the pipe holds into a buffer. */
@@ -292,10 +298,7 @@ static int to_copy(struct half *h) {
     if (!buf) return ENOMEM;
     for (uint32_t got = 0; got < h->pending;) {
         ssize_t n = read(h->pr, buf + got, h->pending - got);
-        if (n <= 0) {
-            free(buf);
-            return n < 0 ? errno : EIO;
-        }
+        if (n <= 0) return free(buf), n < 0 ? errno : EIO;
         got += (uint32_t)n;
     }
     h->buf = buf, h->off = 0, h->nosplice = 1;
@@ -323,16 +326,12 @@ static void pump(struct engine *e, struct conn *c, int d) {
                 err = errno;
                 break;
             }
-            moved += m;
-            h->pending -= (uint32_t)m;
+            moved += m, h->pending -= (uint32_t)m;
             if (h->buf && !h->pending) free(h->buf), h->buf = NULL, h->off = 0;
             else if (h->buf) h->off += (uint32_t)m;
             continue;
         }
-        if (rounds-- == 0) { /* let the other connections run; go on after this batch */
-            queue(e, h);
-            break;
-        }
+        if (rounds-- == 0) { queue(e, h); break; } /* let the other connections run; go on after this batch */
         if (h->pr >= 0) {
             n = splice(src, NULL, h->pw, NULL, PIPE_SIZE, SPLICE_FLAGS);
             if (n > 0) { h->pending = (uint32_t)n; l_del(&h->parked); continue; }
@@ -362,14 +361,14 @@ static void pump(struct engine *e, struct conn *c, int d) {
             break;
         }
     }
-    if (moved) count(c->l, d ? BYTES_OUT : BYTES_IN, moved);
+    if (moved) count(c->l, d ? BYTES_OUT : BYTES_IN, moved), touch(e, c);
     if (err) failed(e, c, err);
     else if (end) eof(e, c, d);
 }
 
 static void connected(struct engine *e, struct conn *c) {
     c->connecting = 0;
-    l_del(&c->timer);
+    l_del(&c->timer), touch(e, c);
     /* Registering reports the current state as edges: the client's early bytes. */
     if ((!c->reg[1] && watch(e, c, 1) < 0) || watch(e, c, 0) < 0) close_conn(e, c, 1);
 }
@@ -409,9 +408,7 @@ static int new_sock(int family) {
     return fd;
 }
 
-static void drop_spares(struct listener *l) {
-    while (l->nspares) close(l->spares[--l->nspares]);
-}
+static void drop_spares(struct listener *l) { while (l->nspares) close(l->spares[--l->nspares]); }
 
 /* A tail socket in the target's namespace, or -errno. Only this thread ever calls setns. */
 static int tail_socket(struct engine *e, struct listener *l) {
@@ -444,7 +441,7 @@ static void dial(struct engine *e, struct listener *l, int client) {
     if (errno != EINPROGRESS) return connect_failed(e, c, errno);
     if (watch(e, c, 1) < 0) return connect_failed(e, c, errno);
     c->connecting = 1;
-    c->deadline = now_ms() + CONNECT_MS;
+    c->at = e->now + CONNECT_MS;
     l_add(&e->connecting, &c->timer); /* one timeout for all: the list is sorted */
 }
 
@@ -455,8 +452,7 @@ static int listener_on(struct engine *e, struct listener *l) {
 }
 
 static void listener_off(struct engine *e, struct listener *l) {
-    if (l->registered) epoll_ctl(e->ep, EPOLL_CTL_DEL, l->fd, NULL);
-    l->registered = 0;
+    if (l->registered) epoll_ctl(e->ep, EPOLL_CTL_DEL, l->fd, NULL), l->registered = 0;
 }
 
 static int accept_ignored(int err) { /* errors that concern only the connection being accepted */
@@ -478,10 +474,14 @@ static void accept_some(struct engine *e, struct listener *l) {
             listener_off(e, l); /* level-triggered: it must leave the set while paused */
             if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
                 drop_pool(e); /* idle pipes hold fds */
-                l->resume_at = now_ms() + BACKOFF_MS;
+                l->resume_at = e->now + BACKOFF_MS;
                 l_add(&e->backoffs, &l->backoff);
             } /* else: no longer accepting, as TcpProxy */
             return;
+        }
+        if (l->max_conns && __atomic_load_n(&l->n[OPEN], __ATOMIC_RELAXED) >= l->max_conns) {
+            count(l, REFUSED, 1), abort_fd(fd); /* over the limit: reset at once, never relayed */
+            continue;
         }
         count(l, TOTAL, 1), count(l, OPEN, 1);
         if (l->has_target) dial(e, l, fd);
@@ -498,10 +498,9 @@ static void unlisten_l(struct engine *e, struct listener *l) {
     if (l->netns >= 0) close(l->netns), l->netns = -1;
     pthread_mutex_lock(&e->mu); /* its handoffs Python has not taken yet */
     size_t kept = 0;
-    for (size_t i = 0; i < e->hn; i++) {
+    for (size_t i = 0; i < e->hn; i++)
         if (e->hq[i].lid == l->lid) abort_fd(e->hq[i].fd);
         else e->hq[kept++] = e->hq[i];
-    }
     e->hn = kept;
     pthread_mutex_unlock(&e->mu);
 }
@@ -524,6 +523,11 @@ static void run_command(struct engine *e, struct cmd *c) {
         l->netns = c->a, l->has_target = c->op == C_TARGET;
         l->family = c->family, l->alen = c->alen, l->addr = c->addr;
         break;
+    case C_LIMITS: /* the relayed connections join (or leave) the idle list as if they just moved bytes */
+        l->max_conns = c->a, l->idle_ms = c->b;
+        for (struct link *n = l->conns.next; n != &l->conns; n = n->next)
+            if (!(conn = OF(n, struct conn, node))->connecting) l_del(&conn->timer), touch(e, conn);
+        break;
     case C_RELAY:
         if (!(conn = new_conn(l, c->a, c->b))) {
             abort_fd(c->a), abort_fd(c->b), count(l, OPEN, -1);
@@ -531,6 +535,7 @@ static void run_command(struct engine *e, struct cmd *c) {
         }
         setsockopt(c->b, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (watch(e, conn, 0) < 0 || watch(e, conn, 1) < 0) close_conn(e, conn, 1);
+        else touch(e, conn);
         break;
     case C_UNLISTEN:
         unlisten_l(e, l);
@@ -563,25 +568,34 @@ static void run_commands(struct engine *e) {
 }
 
 static int next_timeout(struct engine *e) {
+    int64_t at = e->sweep_at;
     if (!l_empty(&e->ready)) return 0;
-    int64_t at = INT64_MAX;
-    if (!l_empty(&e->connecting)) at = OF(e->connecting.next, struct conn, timer)->deadline;
-    if (!l_empty(&e->backoffs)) {
-        int64_t b = OF(e->backoffs.next, struct listener, backoff)->resume_at;
-        if (b < at) at = b;
-    }
-    if (!l_empty(&e->parked)) {
-        int64_t p = OF(e->parked.next, struct half, parked)->parked_at + PIPE_IDLE_MS;
-        if (p < at) at = p;
-    }
+    if (!l_empty(&e->connecting)) at = Py_MIN(at, OF(e->connecting.next, struct conn, timer)->at);
+    if (!l_empty(&e->backoffs)) at = Py_MIN(at, OF(e->backoffs.next, struct listener, backoff)->resume_at);
+    if (!l_empty(&e->parked)) at = Py_MIN(at, OF(e->parked.next, struct half, parked)->parked_at + PIPE_IDLE_MS);
     if (at == INT64_MAX) return -1;
     int64_t wait = at - now_ms();
     return wait < 0 ? 0 : wait > 60000 ? 60000 : (int)wait + 1;
 }
 
+/* Reset the relayed connections idle for their listener's idle_ms (an idle list is oldest first); the next
+   sweep at the oldest deadline left, SWEEP_MS from now at the soonest. */
+static void sweep(struct engine *e) {
+    e->sweep_at = INT64_MAX;
+    for (struct link *n = e->active.next; n != &e->active; n = n->next) {
+        struct listener *l = OF(n, struct listener, active);
+        while (!l_empty(&l->idle)) {
+            struct conn *c = OF(l->idle.next, struct conn, timer);
+            if (c->at + l->idle_ms > e->now) { e->sweep_at = Py_MIN(e->sweep_at, c->at + l->idle_ms); break; }
+            close_conn(e, c, 1);
+        }
+    }
+    e->sweep_at = Py_MAX(e->sweep_at, e->now + SWEEP_MS);
+}
+
 static void expire(struct engine *e) {
-    if (l_empty(&e->connecting) && l_empty(&e->backoffs) && l_empty(&e->parked)) return;
-    int64_t now = now_ms();
+    int64_t now = e->now;
+    if (now >= e->sweep_at) sweep(e);
     while (!l_empty(&e->parked)) { /* oldest first: parked in time order */
         struct half *h = OF(e->parked.next, struct half, parked);
         if (h->parked_at + PIPE_IDLE_MS > now) break;
@@ -589,7 +603,7 @@ static void expire(struct engine *e) {
     }
     while (!l_empty(&e->connecting)) {
         struct conn *c = OF(e->connecting.next, struct conn, timer);
-        if (c->deadline > now) break;
+        if (c->at > now) break;
         connect_failed(e, c, ETIMEDOUT);
     }
     while (!l_empty(&e->backoffs)) {
@@ -606,6 +620,7 @@ static void *run(void *arg) {
     struct link batch;
     while (!e->stop) {
         int n = epoll_wait(e->ep, evs, MAX_EVENTS, next_timeout(e)), commands = 0;
+        e->now = now_ms();
         for (int i = 0; i < n; i++) {
             uint64_t u = evs[i].data.u64;
             void *p = (void *)(uintptr_t)(u & ~(uint64_t)3);
@@ -644,8 +659,7 @@ typedef struct {
 static PyObject *os_error(int err) { return errno = err, PyErr_SetFromErrno(PyExc_OSError); }
 
 static int check_open(EngineObject *self) {
-    if (self->closed) PyErr_SetString(PyExc_ValueError, "the engine is closed");
-    return !self->closed;
+    return self->closed ? PyErr_SetString(PyExc_ValueError, "the engine is closed"), 0 : 1;
 }
 
 static struct listener *find(struct engine *e, int lid) { /* under mu */
@@ -654,10 +668,17 @@ static struct listener *find(struct engine *e, int lid) { /* under mu */
     return NULL;
 }
 
+/* lid's listener with mu held, or NULL (mu released) with ValueError set. */
+static struct listener *locked(struct engine *e, int lid) {
+    pthread_mutex_lock(&e->mu);
+    struct listener *l = find(e, lid);
+    if (!l) pthread_mutex_unlock(&e->mu), PyErr_Format(PyExc_ValueError, "no listener %d", lid);
+    return l;
+}
+
 static void post(struct engine *e, struct cmd *c) { /* under mu */
-    uint64_t one = 1;
     c->next = NULL, *e->cmds_tail = c, e->cmds_tail = &c->next;
-    if (write(e->wakefd, &one, sizeof one) < 0) { /* cannot overflow: the engine reads it */ }
+    ring(e->wakefd);
 }
 
 /* Wait for a sync command posted by the caller. */
@@ -674,14 +695,10 @@ static int wait_done(struct engine *e, struct cmd *c) {
 static int command(EngineObject *self, int lid, struct cmd *c, int drop) {
     struct engine *e = self->e;
     int sync = c->sync; /* once posted, an async command is the engine's to free */
-    pthread_mutex_lock(&e->mu);
-    struct listener *l = c->l = find(e, lid);
-    if (l) {
-        if (drop) l_del(&l->table);
-        post(e, c);
-    }
+    if (!(c->l = locked(e, lid))) return -1;
+    if (drop) l_del(&c->l->table);
+    post(e, c);
     pthread_mutex_unlock(&e->mu);
-    if (!l) return PyErr_Format(PyExc_ValueError, "no listener %d", lid), -1;
     return sync ? wait_done(e, c) : 0;
 }
 
@@ -719,8 +736,7 @@ static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) 
 static void Engine_dealloc(EngineObject *self) {
     if (self->e) {
         Engine_close(self, NULL);
-        pthread_mutex_destroy(&self->e->mu);
-        pthread_cond_destroy(&self->e->cv);
+        pthread_mutex_destroy(&self->e->mu), pthread_cond_destroy(&self->e->cv);
         free(self->e);
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -737,9 +753,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     if (!self) return NULL;
     struct engine *e = self->e = calloc(1, sizeof *e);
     if (!e) return Py_DECREF(self), PyErr_NoMemory();
-    pthread_mutex_init(&e->mu, NULL);
-    pthread_cond_init(&e->cv, NULL);
-    e->cmds_tail = &e->cmds;
+    pthread_mutex_init(&e->mu, NULL), pthread_cond_init(&e->cv, NULL);
+    e->cmds_tail = &e->cmds, e->sweep_at = INT64_MAX;
     l_init(&e->table), l_init(&e->active), l_init(&e->ready);
     l_init(&e->connecting), l_init(&e->backoffs), l_init(&e->dead), l_init(&e->parked);
     e->stop_cmd.sync = 1; /* embedded: never freed; nobody waits for it (join does) */
@@ -785,18 +800,14 @@ static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
     if (!l) return PyErr_NoMemory();
     if ((l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) return free(l), os_error(errno);
     l->netns = -1;
-    l_init(&l->conns);
+    l_init(&l->conns), l_init(&l->idle);
     pthread_mutex_lock(&e->mu);
     int lid = l->lid = ++e->next_lid;
     l_add(&e->table, &l->table);
     pthread_mutex_unlock(&e->mu);
     if (command(self, lid, &c, 0) != 0) {
-        if (!self->closed) { /* else a close() meanwhile took it from the table, to free it */
-            pthread_mutex_lock(&e->mu);
-            l_del(&l->table);
-            pthread_mutex_unlock(&e->mu);
-            free(l);
-        }
+        if (!self->closed) /* else a close() meanwhile took it from the table, to free it */
+            pthread_mutex_lock(&e->mu), l_del(&l->table), pthread_mutex_unlock(&e->mu), free(l);
         return os_error(c.err);
     }
     return PyLong_FromLong(lid);
@@ -847,11 +858,6 @@ static PyObject *Engine_relay(EngineObject *self, PyObject *args) {
     struct cmd *c = calloc(1, sizeof *c);
     if (!c) return PyErr_NoMemory();
     c->op = C_RELAY, c->a = client, c->b = tail;
-    struct engine *e = self->e;
-    pthread_mutex_lock(&e->mu); /* counted before the engine runs it: stats() right after sees it */
-    struct listener *l = find(e, lid);
-    if (l) count(l, OPEN, 1);
-    pthread_mutex_unlock(&e->mu);
     if (command(self, lid, c, 0) < 0) return free(c), NULL;
     Py_RETURN_NONE;
 }
@@ -872,23 +878,41 @@ static PyObject *Engine_handoffs(EngineObject *self, PyObject *Py_UNUSED(ignored
         if (!t) Py_CLEAR(list);
         else PyList_SET_ITEM(list, (Py_ssize_t)i, t);
     }
-    if (!list) /* the fds would be lost: reset them */
-        for (size_t i = 0; i < n; i++) abort_fd(hq[i].fd);
+    if (!list) { /* the fds would be lost: reset them, no longer open */
+        pthread_mutex_lock(&e->mu);
+        for (size_t i = 0; i < n; i++) abort_fd(hq[i].fd), uncount(find(e, hq[i].lid));
+        pthread_mutex_unlock(&e->mu);
+    }
     if (n) free(hq);
     return list;
 }
 
 static PyObject *Engine_stats(EngineObject *self, PyObject *args) {
-    struct engine *e = self->e;
-    int64_t s[4];
+    long long s[NCOUNTS];
     int lid;
-    if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self)) return NULL;
-    pthread_mutex_lock(&e->mu);
-    struct listener *l = find(e, lid);
-    for (int i = 0; l && i < 4; i++) s[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&e->mu);
-    if (!l) return PyErr_Format(PyExc_ValueError, "no listener %d", lid);
-    return Py_BuildValue("(LLLL)", (long long)s[0], (long long)s[1], (long long)s[2], (long long)s[3]);
+    struct listener *l;
+    if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self) || !(l = locked(self->e, lid))) return NULL;
+    for (int i = 0; i < NCOUNTS; i++) s[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&self->e->mu);
+    return Py_BuildValue("(LLLLL)", s[OPEN], s[TOTAL], s[BYTES_IN], s[BYTES_OUT], s[REFUSED]);
+}
+
+static PyObject *Engine_dropped(EngineObject *self, PyObject *args) {
+    int lid;
+    struct listener *l;
+    if (!PyArg_ParseTuple(args, "i:dropped", &lid) || !check_open(self) || !(l = locked(self->e, lid))) return NULL;
+    uncount(l);
+    pthread_mutex_unlock(&self->e->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_set_limits(EngineObject *self, PyObject *args) {
+    struct cmd c = {.op = C_LIMITS, .sync = 1};
+    int lid;
+    if (!PyArg_ParseTuple(args, "iii:set_limits", &lid, &c.a, &c.b) || !check_open(self)) return NULL;
+    if (c.a < 0 || c.b < 0) return PyErr_Format(PyExc_ValueError, "limits must be >= 0");
+    if (command(self, lid, &c, 0) < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_unlisten(EngineObject *self, PyObject *args) {
@@ -906,9 +930,11 @@ static PyMethodDef Engine_methods[] = { /* documented in the module's docstring 
     {"set_target", (PyCFunction)(void (*)(void))Engine_set_target, METH_VARARGS | METH_KEYWORDS,
      "set_target(lid, family, host, port, netns_fd=-1)"},
     {"clear_target", (PyCFunction)Engine_clear_target, METH_VARARGS, "clear_target(lid)"},
+    {"set_limits", (PyCFunction)Engine_set_limits, METH_VARARGS, "set_limits(lid, max_conns, idle_ms)"},
     {"relay", (PyCFunction)Engine_relay, METH_VARARGS, "relay(lid, client_fd, tail_fd)"},
     {"handoffs", (PyCFunction)Engine_handoffs, METH_NOARGS, "handoffs() -> [(lid, client_fd, err)]"},
-    {"stats", (PyCFunction)Engine_stats, METH_VARARGS, "stats(lid) -> (open, total, bytes_in, bytes_out)"},
+    {"dropped", (PyCFunction)Engine_dropped, METH_VARARGS, "dropped(lid)"},
+    {"stats", (PyCFunction)Engine_stats, METH_VARARGS, "stats(lid) -> (open, total, bytes_in, bytes_out, refused)"},
     {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS, "unlisten(lid)"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "close()"},
     {NULL, NULL, 0, NULL},
@@ -937,13 +963,19 @@ PyDoc_STRVAR(module_doc,
 "                        AF_INET6 literal), the tail socket made in netns_fd (dup()ed; -1:\n"
 "                        the engine's namespace); in force when it returns\n"
 "eng.clear_target(lid)   hand every accepted connection off again\n"
-"eng.relay(lid, client_fd, tail_fd)  relay a connected pair; once it returns the engine owns\n"
-"                        both fds (detach() the sockets); after an exception Python still does.\n"
-"                        Counted in stats(lid) as open (total counted it when accepted)\n"
+"eng.set_limits(lid, max_conns, idle_ms)  0: none. A client accepted while lid has max_conns\n"
+"                        open is reset at once and counted refused (not total); a relayed\n"
+"                        connection idle (no byte either way) for idle_ms is reset on both\n"
+"                        sides, at most SWEEP_MS late; in force when it returns\n"
+"eng.relay(lid, client_fd, tail_fd)  relay a connected pair (a client lid handed off); once it\n"
+"                        returns the engine owns both fds (detach() the sockets); after an\n"
+"                        exception Python still does\n"
 "eng.handoffs() -> [(lid, client_fd, err)]  drains the queue and resets fileno(); Python owns\n"
 "                        client_fd. err 0: no target; else the errno of the engine's connect\n"
 "                        (ECONNREFUSED, ETIMEDOUT after CONNECT_TIMEOUT_MS, ...)\n"
-"eng.stats(lid) -> (open, total, bytes client->tail, bytes tail->client)\n"
+"eng.dropped(lid)        Python closed a client lid handed off (instead of relay())\n"
+"eng.stats(lid) -> (open, total, bytes client->tail, bytes tail->client, refused)\n"
+"                        open: connecting, relayed, or handed off and not dropped()\n"
 "eng.unlisten(lid)       stop accepting, reset lid's connections and its handoffs not taken,\n"
 "                        forget lid (stats too); returns once done\n"
 "eng.close()             unlisten all, join the thread, close everything; idempotent\n"

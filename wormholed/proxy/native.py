@@ -15,7 +15,9 @@ control plane:
   is still starting, and Python's dial() retries for 5 s). Python dials as
   the pure-Python proxy does and gives the pair back to the engine. Any
   other failed connect (timed out, unreachable) is final, as it is for
-  dial(): the client is dropped and ``failed`` hears of it.
+  dial(): the client is dropped and ``failed`` hears of it. A handed-off
+  client stays one of the engine's open connections until Python gives it
+  back (``relay``) or says it closed it (``dropped``).
 
 ``WORMHOLE_ENGINE=python`` selects the pure-Python relay (tcp.py) instead;
 without the built extension the daemon uses it too, and says so.
@@ -123,17 +125,25 @@ class NativeTcpProxy:
 
     @property
     def stats(self) -> Stats:
-        """The engine's counters, with the connections Python is dialling for."""
+        """The engine's counters (its open connections include those Python is dialling for)."""
         if self._lid is not None and not self._closed:  # once closed: the last counts
-            open_, total, bytes_in, bytes_out = self._hub.engine.stats(self._lid)
-            s = self._stats
-            s.connections, s.total, s.bytes_in, s.bytes_out = open_ + len(self._tasks), total, bytes_in, bytes_out
+            self._read_stats()
         return self._stats
+
+    def _read_stats(self) -> None:
+        s = self._stats
+        s.connections, s.total, s.bytes_in, s.bytes_out, s.refused = self._hub.engine.stats(self._lid)
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Reset a client the engine handed off, which then no longer counts it open."""
+        _abort(conn)
+        with contextlib.suppress(ValueError):  # the listener is gone already
+            self._hub.engine.dropped(self._lid)
 
     def _handoff(self, fd: int, err: int) -> None:
         conn = socket.socket(fileno=fd)
         if err and err != errno.ECONNREFUSED:  # dialling again would fail the same way, or wait as long
-            _abort(conn)
+            self._drop(conn)
             exc = OSError(err, f"cannot connect to the tail: {os.strerror(err)}")
             self.log.warning("connection dropped: %s", exc.strerror)
             if self._failed is not None:
@@ -154,7 +164,7 @@ class NativeTcpProxy:
             tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._hub.engine.relay(self._lid, conn.fileno(), tail.fileno())
         except BaseException as exc:
-            _abort(conn)
+            self._drop(conn)
             if tail is not None:
                 _abort(tail)
             if isinstance(exc, Exception):
@@ -176,7 +186,7 @@ class NativeTcpProxy:
         if self._lid is not None:
             self._hub._proxies.pop(self._lid, None)
             with contextlib.suppress(ValueError):
-                _, self._stats.total, self._stats.bytes_in, self._stats.bytes_out = self._hub.engine.stats(self._lid)
+                self._read_stats()
                 self._hub.engine.unlisten(self._lid)
         self._stats.connections = 0  # unlisten reset them all
         self._sock.close()
