@@ -108,10 +108,10 @@ ENGINES = ["finish_connect", "native"]
 
 class Proxy:
     """A TcpProxy (or, mode native, a NativeTcpProxy targeting ``port``) on 127.0.0.1:0 (or a given
-    listening socket) dialling ``port``."""
+    listening socket) dialling ``port``; ``limits``: max_conns, idle_timeout."""
 
     def __init__(self, port: int, *, connect=None, sock: socket.socket | None = None, timeout=5.0,
-                 mode="finish_connect", target: tuple | None = None):
+                 mode="finish_connect", target: tuple | None = None, **limits):
         # finish_connect: dial through the proxy's own epoll (wait=proxy.finish_connect)
         fast = mode == "finish_connect"
         self.connect = connect or (lambda: dial(None, LOCAL, port, timeout=timeout,
@@ -120,6 +120,7 @@ class Proxy:
         self.target = target if target is not None else (None, LOCAL, port) if connect is None else None
         self.sock = sock
         self.hub = None
+        self.limits = limits
 
     async def __aenter__(self):
         if self.sock is None:
@@ -128,12 +129,12 @@ class Proxy:
         self.port = self.sock.getsockname()[1]
         if self.mode == "native":
             self.hub = EngineHub()
-            self.proxy = NativeTcpProxy(self.sock, self.connect, hub=self.hub)
+            self.proxy = NativeTcpProxy(self.sock, self.connect, hub=self.hub, **self.limits)
             self.proxy.start()
             if self.target is not None:
                 self.proxy.set_target(*self.target)
         else:
-            self.proxy = TcpProxy(self.sock, self.connect)
+            self.proxy = TcpProxy(self.sock, self.connect, **self.limits)
             self.proxy.start()
         return self.proxy
 
@@ -424,6 +425,90 @@ async def test_connections_counted_and_no_fds_left_after_aclose(mode):
         for reader, writer in conns[10:]:
             await closed(writer)
     # the autouse fixture checks the fds
+
+
+# --------------------------------------------------------------------------
+# Limits: max_conns, idle_timeout
+
+
+async def echoed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes = b"x") -> None:
+    writer.write(data)
+    assert await asyncio.wait_for(reader.readexactly(len(data)), 5) == data
+
+
+@pytest.mark.parametrize("mode", ENGINES)
+@uvloop_test
+async def test_max_conns_resets_the_next_client_and_lets_one_in_once_another_closed(mode):
+    async with Server() as server, Proxy(server.port, mode=mode, max_conns=2) as proxy:
+        port = proxy_port(proxy)
+        (r1, w1), (r2, w2) = await connect(port), await connect(port)
+        await echoed(r1, w1)
+        await echoed(r2, w2)
+        assert await turned_away(port) == "reset"  # never relayed: the echo server sees 2 clients
+        assert len(server.conns) == 2
+        assert (proxy.stats.connections, proxy.stats.total, proxy.stats.refused) == (2, 2, 1)
+        await echoed(r1, w1, b"the first two relay on")
+        w1.write_eof()
+        assert await r1.read() == b""
+        await closed(w1)
+        await wait_for(lambda: proxy.stats.connections == 1)
+        r3, w3 = await connect(port)  # room again
+        await echoed(r3, w3)
+        await echoed(r2, w2)
+        assert (proxy.stats.connections, proxy.stats.total, proxy.stats.refused) == (2, 3, 1)
+        for writer in (w2, w3):
+            await closed(writer)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@uvloop_test
+async def test_max_conns_counts_a_client_whose_tail_is_still_being_dialled(mode):
+    """The tail refuses at first: the client waits in dial()'s retries (native: handed off to Python),
+    and is one of the max_conns meanwhile."""
+    port = free_port()
+    async with Proxy(port, mode=mode, max_conns=1) as proxy:
+        reader, writer = await connect(proxy_port(proxy))
+        writer.write(b"early bytes")
+        await wait_for(lambda: proxy.stats.total == 1)
+        assert await turned_away(proxy_port(proxy)) == "reset"
+        assert proxy.stats.refused == 1 and proxy.stats.connections == 1
+        async with Server(sock=bound_listener(port)):
+            assert await asyncio.wait_for(reader.readexactly(11), 5) == b"early bytes"
+            await closed(writer)
+
+
+@pytest.mark.parametrize("mode", ENGINES)
+@uvloop_test
+async def test_idle_timeout_resets_an_idle_connection_and_spares_a_trickling_one(mode):
+    """idle_timeout 0.5 s: a connection silent after its first echo is reset on both sides; one
+    moving a byte every 0.1 s for three times the timeout lives on."""
+    server_saw = []
+
+    async def echo_and_tell(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            server_saw.append("eof")
+        except ConnectionResetError:
+            server_saw.append("reset")
+        finally:
+            writer.close()
+
+    async with Server(echo_and_tell) as server, Proxy(server.port, mode=mode, idle_timeout=0.5) as proxy:
+        idle_r, idle_w = await connect(proxy_port(proxy))
+        busy_r, busy_w = await connect(proxy_port(proxy))
+        await echoed(idle_r, idle_w)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            await echoed(busy_r, busy_w, b"t")
+            await asyncio.sleep(0.1)
+        assert await read_outcome(idle_r) == "reset"
+        await wait_for(lambda: server_saw == ["reset"])
+        assert proxy.stats.connections == 1  # its fds are closed: the autouse fixture checks at the end
+        await echoed(busy_r, busy_w, b"still relaying")
+        for writer in (idle_w, busy_w):
+            await closed(writer)
 
 
 # --------------------------------------------------------------------------

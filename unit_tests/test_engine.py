@@ -567,7 +567,7 @@ def exchange(client: socket.socket, server: socket.socket, data: bytes = b"x") -
 
 
 def turned_away(addr) -> str:
-    """What a new client gets: 'reset' (at connect, or at its first read: the reset may come first), 'eof', 'data'."""
+    """What a new client gets: 'reset' (at connect, or at its first read), 'eof' or 'data'."""
     try:
         sock = socket.create_connection(addr, timeout=10)
     except ConnectionResetError:

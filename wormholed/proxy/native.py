@@ -18,6 +18,8 @@ control plane:
   dial(): the client is dropped and ``failed`` hears of it. A handed-off
   client stays one of the engine's open connections until Python gives it
   back (``relay``) or says it closed it (``dropped``).
+- ``max_conns`` and ``idle_timeout`` are tcp.TcpProxy's, enforced by the
+  engine (``set_limits``): handed-off clients count toward max_conns too.
 
 ``WORMHOLE_ENGINE=python`` selects the pure-Python relay (tcp.py) instead;
 without the built extension the daemon uses it too, and says so.
@@ -35,7 +37,7 @@ from typing import Callable
 
 from wormhole.addr import literal_family
 
-from .tcp import Connect, Stats, _abort, prepare_listener
+from .tcp import Connect, Stats, _abort, check_limits, prepare_listener
 
 try:
     from wormholed import _engine
@@ -92,7 +94,8 @@ class NativeTcpProxy:
     target (``set_target``), or to ``connect()`` while there is none."""
 
     def __init__(self, sock: socket.socket, connect: Connect, *, hub: EngineHub, stats: Stats | None = None,
-                 failed: Callable[[OSError], None] | None = None, log: logging.Logger = _log) -> None:
+                 failed: Callable[[OSError], None] | None = None, log: logging.Logger = _log,
+                 max_conns: int = 0, idle_timeout: float = 0.0) -> None:
         self._sock = sock
         self._connect = connect
         self._failed = failed  # told of an engine connect that failed for good
@@ -102,6 +105,9 @@ class NativeTcpProxy:
         self._lid: int | None = None
         self._tasks: set[asyncio.Task] = set()  # handed-off connections being dialled
         self._closed = False
+        check_limits(max_conns, idle_timeout)
+        idle_ms = min(max(1, round(idle_timeout * 1000)), 2**31 - 1) if idle_timeout else 0  # the engine's int
+        self._limits = (max_conns, idle_ms)
 
     def start(self) -> None:
         if self._closed or self._lid is not None:
@@ -109,6 +115,8 @@ class NativeTcpProxy:
         prepare_listener(self._sock)
         self._lid = self._hub.engine.listen(self._sock.fileno())
         self._hub._proxies[self._lid] = self
+        if any(self._limits):
+            self._hub.engine.set_limits(self._lid, *self._limits)
 
     def set_target(self, ns, host: str, port: int) -> None:
         """Let the engine connect new clients to host:port in ns itself (an address, not a name)."""

@@ -14,6 +14,15 @@ Each direction is a ``_Half`` with its own pipe:
   destination and the other direction keeps flowing; both sockets are closed
   once, when both directions are done;
 - reset: a reset on either side resets the other (SO_LINGER 0, close).
+
+Limits, both optional (0: none), as the native engine has them:
+
+- ``max_conns``: a client accepted while the proxy has that many connections
+  open (relayed or being connected) is reset at once (SO_LINGER 0), never
+  relayed, and counted in ``stats.refused``, not ``stats.total``;
+- ``idle_timeout``: a relay that moved no byte either way for that many
+  seconds is reset on both sides. Each relay keeps the time bytes last moved;
+  one sweep every min(idle_timeout / 4, 1 s) resets the idle ones.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import os
 import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -43,7 +53,7 @@ class Stats:
     """Counters shared by one wormhole's proxy."""
 
     connections: int = 0  # currently open relayed connections (UDP: live flows)
-    total: int = 0  # accepted so far
+    total: int = 0  # accepted and kept so far (not the refused)
     bytes_in: int = 0  # client -> tail
     bytes_out: int = 0  # tail -> client
     refused: int = 0  # turned away by a limit: max-conns, the fd reserve (UDP: new flows' datagrams)
@@ -71,6 +81,7 @@ _ACCEPT_IGNORED = frozenset(
 )
 _ACCEPT_BATCH = 64
 _POOL_MAX = 128  # idle pipes kept per proxy: short connections skip pipe2/fcntl/close
+_monotonic = time.monotonic
 
 
 def _new_pipe() -> tuple[int, int]:
@@ -151,6 +162,7 @@ class _Half:
     def _moved(self, moved: int, pending: int) -> None:
         self.pending = pending
         if moved:
+            self.relay.last = _monotonic()
             if self.inbound:
                 self.stats.bytes_in += moved
             else:
@@ -224,7 +236,7 @@ class _Half:
 class _Relay:
     """A client and a tail socket, and the two halves copying between them."""
 
-    __slots__ = ("proxy", "client", "tail", "up", "down")
+    __slots__ = ("proxy", "client", "tail", "up", "down", "last")
 
     def __init__(self, proxy: TcpProxy, client: socket.socket, tail: socket.socket,
                  pipes: tuple[tuple[int, int], tuple[int, int]]) -> None:
@@ -236,6 +248,7 @@ class _Relay:
         self.down = down = _Half(self, stats, tail.fileno(), client, pipes[1], False)
         up.peer = down
         down.peer = up
+        self.last = _monotonic()  # when bytes last moved (idle_timeout)
 
     def close(self, reset: bool = False) -> None:
         proxy = self.proxy
@@ -264,11 +277,15 @@ class TcpProxy:
     """Accepts on a listening socket and relays each connection to ``connect()``."""
 
     def __init__(self, sock: socket.socket, connect: Connect, *, stats: Stats | None = None,
-                 log: logging.Logger = _log) -> None:
+                 log: logging.Logger = _log, max_conns: int = 0, idle_timeout: float = 0.0) -> None:
         self._sock = sock
         self._connect = connect
         self.stats = stats if stats is not None else Stats()
         self.log = log
+        check_limits(max_conns, idle_timeout)
+        self._max_conns = max_conns
+        self._idle_timeout = idle_timeout
+        self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._epoll: select.epoll | None = None
         self._halves: dict[int, _Half] = {}  # socket fd -> the half reading it
@@ -291,11 +308,21 @@ class TcpProxy:
         prepare_listener(self._sock)
         self._family = int(self._sock.family)
         self._resume_accepting()
+        if self._idle_timeout > 0:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Reset the relays idle for idle_timeout; again in min(idle_timeout / 4, 1 s)."""
+        cutoff = _monotonic() - self._idle_timeout
+        for relay in [half.relay for half in self._halves.values() if half.inbound and half.relay.last <= cutoff]:
+            relay.close(reset=True)
+        self._sweeper = self._loop.call_later(min(self._idle_timeout / 4, 1.0), self._sweep)
 
     def _on_accept(self) -> None:
         accept = self._sock._accept  # an fd: socket.accept() costs more than the syscall
         loop = self._loop
         stats = self.stats
+        max_conns = self._max_conns
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, _addr = accept()
@@ -312,9 +339,13 @@ class TcpProxy:
                 else:
                     self.log.error("accept failed, no longer accepting: %s", exc)
                 return
+            conn = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+            if max_conns and stats.connections >= max_conns:
+                stats.refused += 1
+                _abort(conn)  # at once: never relayed, not in total
+                continue
             stats.total += 1
             stats.connections += 1
-            conn = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
             task = asyncio.Task(self._open(conn), loop=loop, eager_start=True)
             if not task.done():
                 self._tasks.add(task)
@@ -437,8 +468,9 @@ class TcpProxy:
         if self._closed:
             return
         self._closed = True
-        if self._backoff is not None:
-            self._backoff.cancel()
+        for timer in (self._backoff, self._sweeper):
+            if timer is not None:
+                timer.cancel()
         if self._loop is not None:
             self._pause_accepting()
         self._sock.close()
@@ -463,6 +495,12 @@ class TcpProxy:
 
 # --------------------------------------------------------------------------
 # Dialling the tail
+
+
+def check_limits(max_conns: int, idle_timeout: float) -> None:
+    """ValueError unless both are 0 (no limit) or more."""
+    if max_conns < 0 or idle_timeout < 0:
+        raise ValueError(f"max_conns and idle_timeout must be 0 (none) or more, not {max_conns}, {idle_timeout}")
 
 
 def prepare_listener(sock: socket.socket) -> None:
