@@ -83,6 +83,40 @@ def test_docker_ns_tail(host, containers):
     assert host.list()[0]["tail"] == f"tcp://docker:{mysql.name}@127.0.0.1:3306"
 
 
+def test_a_restarted_docker_ns_tail_is_followed(host, containers):
+    """`docker restart` gives the container a new network namespace: the wormhole lets go of
+    the old one when the container's process exits, and the next connection finds the new one."""
+    mysql = containers("wormhole/mysql")
+    host.create("url", ":3306", "tail", "docker-ns", mysql.name)
+    assert roundtrip(host, 3306) == b"hello wormhole"
+    for _ in range(2):
+        mysql.restart(timeout=1)
+        assert roundtrip(host, 3306) == b"hello wormhole"
+    assert f"container {mysql.name!r} stopped or restarted" in host.logs()
+    mysql.stop(timeout=1)
+    assert refused(host, 3306)
+    [row] = host.list()
+    assert row["state"] == "armed"
+    mysql.start()
+    assert roundtrip(host, 3306) == b"hello wormhole"
+
+
+def test_a_wormhole_whose_container_is_gone_at_start_is_listed_failed_and_deletable(host, containers):
+    mysql = containers("wormhole/mysql")
+    ident, _ = host.create("url", ":3306", "tail", "docker-ns", mysql.name)
+    host.stop()
+    mysql.remove(force=True)
+    host.start()
+    [row] = host.list()
+    assert row["id"] == ident and row["state"] == "failed" and f"no container {mysql.name!r}" in row["reason"]
+    assert not host.listening(3306)
+    host.ok("delete", ident)
+    assert host.list() == []
+    host.stop()
+    host.start()
+    assert host.list() == [], "gone for good"
+
+
 def test_docker_ns_head_by_name(host, containers):
     app = containers("wormhole/wordpress")
     host.echo_server(7300)

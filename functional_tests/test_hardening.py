@@ -172,3 +172,80 @@ def test_relative_unix_socket_paths(make_host):
         daemon.terminate()
         daemon.wait(15)
     assert not (h.dir / "rel.sock").exists()
+
+
+def udp_clients(host, n: int):
+    """n UDP sockets in the host's namespace, each on its own source port."""
+    with host.entered():
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    for s in socks:
+        s.settimeout(2)
+    return socks
+
+
+def echoed(sock, port: int, data: bytes = b"ping") -> bool:
+    sock.sendto(data, ("127.0.0.1", port))
+    try:
+        return sock.recv(100) == data
+    except TimeoutError:
+        return False
+
+
+def test_udp_flows_are_capped_counted_and_logged(host):
+    host.echo_server(7140, udp=True)
+    ident, url = host.create("url", "udp://:7141", "max-conns", "3", "idle-timeout", "2s", "tail", "url", ":7140")
+    [row] = host.list()
+    assert (row["max_conns"], row["idle_timeout"]) == (3, 2.0)
+    assert "max-conns 3, idle-timeout 2s" in host.ok("list")
+    clients = udp_clients(host, 5)
+    try:
+        for i, s in enumerate(clients):
+            s.sendto(b"ping %d" % i, ("127.0.0.1", 7141))
+        time.sleep(0.3)
+        [row] = host.list()
+        assert (row["connections"], row["refused"]) == (3, 2)
+        for i, s in enumerate(clients):
+            s.settimeout(1 if i < 3 else 0.2)
+            try:
+                got = s.recv(100)
+            except TimeoutError:
+                got = None
+            assert got == (b"ping %d" % i if i < 3 else None), i
+        assert f"wormhole {ident}: UDP datagrams: 1 dropped: new flows refused, 3 (max-conns) are open" in host.logs()
+        time.sleep(3)  # idle-timeout 2s: the three flows are closed...
+        assert host.list()[0]["connections"] == 0
+        assert echoed(clients[4], 7141), "...and a new client gets a flow"
+    finally:
+        for s in clients:
+            s.close()
+
+
+def test_udp_flows_stop_at_the_fd_reserve_and_the_control_channel_still_answers(host):
+    """RLIMIT_NOFILE lowered to 200 on the running daemon: flows take fds up to the last 64, no
+    further; `wormhole ping` still answers and the log names the cause."""
+    host.echo_server(7150, udp=True)
+    host.create("url", "udp://:7151", "tail", "url", ":7150")
+    r = subprocess.run(["prlimit", "--pid", str(host.daemon.pid), "--nofile=200:200"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clients = udp_clients(host, 250)
+    try:
+        for s in clients:
+            s.sendto(b"ping", ("127.0.0.1", 7151))
+        time.sleep(0.5)
+        answered = 0
+        for s in clients:
+            s.settimeout(0.01)
+            try:
+                answered += s.recv(100) == b"ping"
+            except TimeoutError:
+                pass
+        assert 20 < answered < 200 - 64
+        [row] = host.list()
+        assert row["connections"] == answered and row["refused"] == 250 - answered
+        assert host.wormhole("ping").returncode == 0
+        assert "out of file descriptors (the last 64 are kept for the control channel)" in host.logs()
+        fds = len(os.listdir(f"/proc/{host.daemon.pid}/fd"))
+        assert fds <= 200 - 64 + 2, fds
+    finally:
+        for s in clients:
+            s.close()

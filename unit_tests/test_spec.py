@@ -282,3 +282,20 @@ def test_limits_on_words_length_and_links():
     with pytest.raises(SpecError, match="too many linked wormholes: 17"):
         parse(["url", ":80"] + ["chain"] * (MAX_LINKS + 1))
     parse(["url", ":80"] + ["chain"] * MAX_LINKS)  # at the limit: fine
+
+
+def test_max_conns_and_idle_timeout_words():
+    from wormhole.spec import format_duration, parse_duration
+    p = plan(parse(["url", ":80", "max-conns", "100", "idle-timeout", "5m", "tail", "url", ":81"]))
+    assert (p.max_conns, p.idle_timeout) == (100, 300.0)
+    p = plan(parse(["url", ":80", "tail", "url", ":81", "chain", "max-conns", "2", "url", ":82", "tail", "url", ":83"]))
+    assert (p.max_conns, p.idle_timeout, p.child.max_conns) == (None, None, 2)
+    assert [parse_duration(t, "d") for t in ("30", "30s", "500ms", "1.5s", "2m", "1h")] == \
+        [30, 30, 0.5, 1.5, 120, 3600]
+    assert [format_duration(s) for s in (30, 0.5, 1.5, 120, 3600, 90)] == ["30s", "500ms", "1.5s", "2m", "1h", "90s"]
+    for words, msg in ((["max-conns", "0"], "bad max-conns '0'"), (["max-conns", "x"], "bad max-conns"),
+                       (["idle-timeout", "0s"], "bad idle-timeout"), (["idle-timeout", "5 days"], "bad idle-timeout"),
+                       (["idle-timeout", "9000h"], "at most a week"),
+                       (["max-conns", "1", "max-conns", "2"], "'max-conns' given twice")):
+        with pytest.raises(SpecError, match=msg):
+            parse(["url", ":80", *words])

@@ -12,7 +12,7 @@ from .addr import Address, AddressError
 from .client import call_once
 from .keys import DEFAULT_KEYFILE, KeyFileError, client_context, keygen, load_key
 from .protocol import RpcError
-from .spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS, SpecError, parse, plan
+from .spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS, SpecError, format_duration, parse, plan
 
 CREATE_HELP = """Create a wormhole from chained WORDS; prints "ID URL" (URL: where its head listens).
 
@@ -31,10 +31,14 @@ Words are read left to right; modifiers apply to the head until 'tail' or
   tunnel HOST        as remote, over an encrypted tunnel to HOST (made or reused
                      as by tunnel-create); the child listens on HOST's overlay address
   udptunnel HOST     as tunnel, UDP-encapsulated (ESP-in-UDP for ipsec; WireGuard is UDP)
+  max-conns N        at most N connections (UDP: flows) at once; more are refused and counted
+  idle-timeout D     close a connection (UDP: flow) with no bytes either way for D (30s, 5m, 1h)
 
 \b
 Defaults: head tcp://127.0.0.1 on the given or an ephemeral port; the tail
-dials 127.0.0.1 in the daemon's namespace on the head's port.
+dials 127.0.0.1 in the daemon's namespace on the head's port. max-conns and
+idle-timeout default to the daemon's --max-conns and --idle-timeout, else
+none for TCP and 4096 flows, 60s for UDP.
 
 \b
 Limits: {words} words, {length} characters a word, {links} child/chain/remote/
@@ -121,18 +125,21 @@ def delete(obj: Ctx, id):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def list_(obj: Ctx, as_json):
-    """Wormholes: id, head, tail, state (armed/active), connections (live/total), bytes, child.
+    """Wormholes: id, head, tail, state (armed/active/failed), connections (live/total), refused, bytes, limits, child.
 
     CHILD is the child wormhole's id, ID@HOST when it lives on another daemon."""
     rows = obj.call("list")
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    table = [("ID", "HEAD", "TAIL", "STATE", "CONNS", "BYTES IN/OUT", "CHILD")]
+    table = [("ID", "HEAD", "TAIL", "STATE", "CONNS", "REFUSED", "BYTES IN/OUT", "LIMITS", "CHILD")]
     for r in rows:
         child = r.get("child") or (f"(on {r['remote']})" if r.get("remote") else "-")
+        limits = [f"max-conns {r['max_conns']}"] if r.get("max_conns") else []
+        limits += [f"idle-timeout {format_duration(r['idle_timeout'])}"] if r.get("idle_timeout") else []
         table.append((r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}",
-                      f"{r['bytes_in']}/{r['bytes_out']}", child))
+                      str(r.get("refused", 0)), f"{r['bytes_in']}/{r['bytes_out']}", ", ".join(limits) or "-",
+                      child))
     _print_table(table)
 
 

@@ -113,11 +113,11 @@ class Request:
     params: dict
 
 
-def nesting(line: bytes | str) -> int:
+def nesting(line: str) -> int:
     """How deep the brackets of a JSON text nest (those inside strings not counted)."""
     depth = deepest = 0
     in_string = escaped = False
-    for ch in line.decode("utf-8", "replace") if isinstance(line, bytes) else line:
+    for ch in line:
         if in_string:
             if escaped:
                 escaped = False
@@ -136,9 +136,14 @@ def nesting(line: bytes | str) -> int:
 
 
 def _loads(line: bytes | str, what: str):
-    """json.loads, with the nesting limit checked first (json's parser recurses per level)."""
-    brackets = line.count(b"[" if isinstance(line, bytes) else "[") + line.count(b"{" if isinstance(line, bytes) else "{")
-    if brackets > MAX_NESTING:  # else it cannot nest deeper than the limit: no scan
+    """json.loads of UTF-8 text (the wire's encoding: json would guess UTF-16 and UTF-32 from
+    bytes too), with the nesting limit checked first (json's parser recurses per level)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RpcError(PARSE_ERROR, f"{what}: not UTF-8: {e}") from None
+    if line.count("[") + line.count("{") > MAX_NESTING:  # else it cannot nest deeper: no scan
         if (depth := nesting(line)) > MAX_NESTING:
             raise RpcError(PARSE_ERROR, f"{what}: JSON nested {depth} levels deep (the limit is {MAX_NESTING})")
     try:

@@ -37,7 +37,11 @@ LINK_WORDS = {
 ARITY = {
     "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "tail": 0, "trigger": 0,
     "child": 0, "chain": 0, "remote": 1, "tunnel": 1, "udptunnel": 1,
+    "max-conns": 1, "idle-timeout": 1,
 }
+MAX_CONNS_LIMIT = 1 << 20  # max-conns above this is surely a typo
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 # Limits on what one create may say (documented in `help create` and the README): far
 # above any real chain, low enough that parsing and planning (recursive, one level per
 # linked wormhole) stay cheap and never reach Python's recursion limit.
@@ -66,6 +70,30 @@ def parse_port(text: str, what: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise SpecError(f"bad port {text!r} in {what}: ports are 1-65535")
     return int(text)
+
+
+def parse_count(text: str, what: str) -> int:
+    """A positive count such as max-conns' (at most MAX_CONNS_LIMIT)."""
+    if not text.isdigit() or not 0 < int(text) <= MAX_CONNS_LIMIT:
+        raise SpecError(f"bad {what} {text!r}: a whole number from 1 to {MAX_CONNS_LIMIT}")
+    return int(text)
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds from '30', '30s', '500ms', '5m', '1h' (more than 0, at most a week)."""
+    m = _DURATION.fullmatch(text)
+    seconds = float(m.group(1)) * _UNIT[m.group(2)] if m else 0.0
+    if not 0 < seconds <= 7 * 86400:
+        raise SpecError(f"bad {what} {text!r}: a duration such as 30s, 500ms, 5m or 1h (at most a week)")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest way create's words would say it: 1h, 5m, 30s, 500ms, 1.5s."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
 
 
 def parse_host(text: str, what: str) -> str:
@@ -227,6 +255,8 @@ class SegmentSpec:
     tail: EndSpec = EndSpec()
     trigger: bool = False  # tail namespace and the child are made on the first connection
     child: Link | None = None
+    max_conns: int | None = None  # None: the daemon's default
+    idle_timeout: float | None = None  # seconds; None: the daemon's default
 
 
 # --- parsing -----------------------------------------------------------------
@@ -257,7 +287,8 @@ def check_limits(words: tuple[str, ...]) -> None:
 
 
 def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
-    fields: dict = {"id": None, "head": EndSpec(), "tail": EndSpec(), "trigger": False}
+    fields: dict = {"id": None, "head": EndSpec(), "tail": EndSpec(), "trigger": False,
+                    "max_conns": None, "idle_timeout": None}
     side = "head"
     while i < len(words):
         word = words[i]
@@ -283,6 +314,11 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
             except RunArgsError as e:
                 raise SpecError(str(e)) from None
             fields[side] = dataclasses.replace(fields[side], place=Place("docker-run", arg.strip()))
+        elif word in ("max-conns", "idle-timeout"):
+            key = word.replace("-", "_")
+            if fields[key] is not None:
+                raise SpecError(f"'{word}' given twice for one wormhole")
+            fields[key] = parse_count(arg, word) if word == "max-conns" else parse_duration(arg, word)
         elif word == "tail":
             side = "tail"
         elif word == "trigger":
@@ -346,6 +382,8 @@ class Plan:
     service_port: int | None
     child: Plan | None  # a local child (child/chain); remote ones are planned by their daemon
     link: Link | None  # how the child hangs off this wormhole
+    max_conns: int | None = None  # TCP connections (UDP flows) at once; None: the daemon's default
+    idle_timeout: float | None = None  # seconds without bytes before a connection is closed
 
     @property
     def linked(self) -> bool:
@@ -406,7 +444,7 @@ def plan(spec: SegmentSpec, ctx: Context = Context()) -> Plan:
         raise SpecError(f"{name} speaks {head.proto} but the child on {link.host} speaks {link.spec.head.proto}")
     if _same_address(head, tail):
         raise SpecError(f"{name} proxies to itself ({head})")
-    return Plan(spec.id, head, tail, spec.trigger, service_port, child, link)
+    return Plan(spec.id, head, tail, spec.trigger, service_port, child, link, spec.max_conns, spec.idle_timeout)
 
 
 def _same_address(head: Endpoint, tail: Endpoint) -> bool:

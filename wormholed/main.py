@@ -25,10 +25,12 @@ import uvloop
 
 from wormhole.addr import Address, AddressError
 from wormhole.keys import DEFAULT_KEYFILE, KeyFileError, load_key
+from wormhole.spec import SpecError, parse_count, parse_duration
 
 from . import systemd
 from .api import ControlServer, methods
 from .docker import Docker
+from .limits import Defaults
 from .peers import Peers
 from .places import Places
 from .proxy import native
@@ -53,6 +55,7 @@ class Config:
     tunnel_type: str = "wireguard"
     wireguard_go: str | None = None
     inherited: list = field(default_factory=list)  # sockets from systemd
+    limits: Defaults = Defaults()
 
 
 class StartError(Exception):
@@ -142,7 +145,7 @@ async def _run(config: Config, state: StateDir) -> None:
         cidr=config.cidr, ports=config.ports, internal_ip=config.internal_ip, external_ip=config.external_ip,
         default_type=config.tunnel_type, wireguard_go=config.wireguard_go))
     hub = start_engine()
-    wormholes = Wormholes(state, Env(Places(docker), peers, tunnels, daemon_id, engine=hub))
+    wormholes = Wormholes(state, Env(Places(docker), peers, tunnels, daemon_id, engine=hub, limits=config.limits))
     control = ControlServer(methods(wormholes, peers, tunnels), config.key)
     socks = list(config.inherited)
     made = []
@@ -214,6 +217,20 @@ def _ports(ctx, param, value):
     raise click.BadParameter(f"{value!r} is not a port range like 4500-4599")
 
 
+def _count(ctx, param, value):
+    try:
+        return None if value is None else parse_count(value, "value")
+    except SpecError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _duration(ctx, param, value):
+    try:
+        return None if value is None else parse_duration(value, "value")
+    except SpecError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _addrs(ctx, param, values):
     try:
         return tuple(Address.parse(v) for v in values)
@@ -242,8 +259,15 @@ def _addrs(ctx, param, values):
                    "(default: wireguard-go on PATH).")
 @click.option("--state-dir", default="/var/lib/wormhole", show_default=True, metavar="DIR",
               help="Where wormhole records are kept across restarts.")
+@click.option("--max-conns", callback=_count, metavar="N",
+              help="Default for wormholes without 'max-conns': at most N connections (UDP: flows) each "
+                   "at once, more refused and counted (default: no limit for TCP, 4096 UDP flows).")
+@click.option("--idle-timeout", callback=_duration, metavar="DURATION",
+              help="Default for wormholes without 'idle-timeout': close a connection (UDP: flow) without "
+                   "bytes either way for DURATION, e.g. 30s, 5m, 1h (default: none for TCP, 60s for UDP).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, verbose):
+def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, max_conns,
+        idle_timeout, verbose):
     """The wormhole daemon: runs the proxies `wormhole create` asks for.
 
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
@@ -259,7 +283,7 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wir
     if not addrs and not inherited:
         addrs = (Address.parse(":9999"),)
     config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
-                    tunnel_type, wireguard_go, inherited)
+                    tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout))
     try:
         uvloop.run(run(config))
     except StartError as e:

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import threading
 
@@ -42,7 +43,7 @@ class Netns:
     use it as a context manager.
     """
 
-    __slots__ = ("_fd", "label", "prefix", "_key", "_spares")
+    __slots__ = ("_fd", "label", "prefix", "_key", "_spares", "pidfd")
 
     def __init__(self, fd: int, label: str, prefix: str = "") -> None:
         """Take ownership of ``fd``, an open network-namespace file. ``label`` names it in
@@ -53,6 +54,7 @@ class Netns:
         st = os.fstat(fd)
         self._key = (st.st_dev, st.st_ino)
         self._spares: dict[tuple[int, int], list[socket.socket]] = {}  # see make_socket
+        self.pidfd = -1  # of_pid: the process it was found through; readable once it has exited
 
     @classmethod
     def named(cls, name: str) -> Netns:
@@ -71,16 +73,36 @@ class Netns:
 
     @classmethod
     def of_pid(cls, pid: int) -> Netns:
-        """The namespace process PID is in (``/proc/PID/ns/net``)."""
+        """The namespace process PID is in (``/proc/PID/ns/net``). It keeps a pidfd of the
+        process (``pidfd``, ``process_exited()``): a container that restarts gets a new
+        namespace, and whoever uses this one can tell that it is left behind."""
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise NetnsError(f"invalid process id {pid!r}")
         try:
+            pidfd = os.pidfd_open(pid)  # first: the pid cannot be reused under us after this
+        except ProcessLookupError:
+            raise NetnsError(f"no process with id {pid}") from None
+        try:
             fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            ns = cls._checked(fd, f"pid:{pid}")
         except FileNotFoundError:
+            os.close(pidfd)
             raise NetnsError(f"no process with id {pid}") from None
         except OSError as exc:
+            os.close(pidfd)
             raise NetnsError(f"cannot open the network namespace of process {pid}: {exc.strerror}") from None
-        return cls._checked(fd, f"pid:{pid}")
+        except BaseException:
+            os.close(pidfd)
+            raise
+        ns.pidfd = pidfd
+        if ns.process_exited():  # it exited before its namespace was opened: maybe not its namespace
+            ns.close()
+            raise NetnsError(f"no process with id {pid}")
+        return ns
+
+    def process_exited(self) -> bool:
+        """of_pid's process has exited (False for namespaces found otherwise)."""
+        return self.pidfd >= 0 and bool(select.select([self.pidfd], [], [], 0)[0])
 
     @classmethod
     def _checked(cls, fd: int, label: str) -> Netns:
@@ -103,6 +125,9 @@ class Netns:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+        pidfd, self.pidfd = self.pidfd, -1
+        if pidfd >= 0:
+            os.close(pidfd)
         for socks in self._spares.values():
             _close(socks)
         self._spares.clear()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from wormhole.spec import Place, Plan
 
 from .errors import Failed, Refused
+from .limits import Defaults
 from .links import Target, format_url, link_for
 from .netns import Netns, make_socket
 from .peers import Peers
@@ -51,6 +52,7 @@ class Env:
     tunnels: Tunnels | None = None
     daemon_id: str = ""
     engine: EngineHub | None = None
+    limits: Defaults = Defaults()
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -82,6 +84,11 @@ class Segment:
         self.stats = Stats()
         self._proxy: TcpProxy | NativeTcpProxy | UdpProxy | None = None
         self._closed = False
+
+    @property
+    def limits(self) -> tuple[int, float]:
+        """(max_conns, idle_timeout) in force: the wormhole's words, else the daemon's; 0: none."""
+        return self.env.limits.resolve(self.plan.head.proto, self.plan.max_conns, self.plan.idle_timeout)
 
     @property
     def state(self) -> str:
@@ -135,13 +142,17 @@ class Segment:
             self.head_ns, self.head_port = ns, port
             if not self.plan.trigger:
                 await self._arm()
+            conns, idle = self.limits
             if udp:
-                self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log)
+                self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log, max_flows=conns,
+                                       idle_timeout=idle, name=f"wormhole {self.id}")
             elif self.env.engine is not None:
                 self._proxy = NativeTcpProxy(sock, self._connect_tail, hub=self.env.engine, stats=self.stats,
-                                              failed=lambda _: self._tail_failed(self.target), log=log)
+                                              failed=lambda _: self._tail_failed(self.target), log=log,
+                                              max_conns=conns, idle_timeout=idle)
             else:
-                self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log)
+                self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log,
+                                       max_conns=conns, idle_timeout=idle)
             self._proxy.start()
             self._retarget()
         except BaseException:
@@ -155,6 +166,9 @@ class Segment:
         stack = contextlib.AsyncExitStack()
         try:
             tail_ns = await self._open(self.plan.tail.place, stack)
+            if (self.plan.tail.place.kind == "docker-ns" and self.plan.tail.place not in self._inherited
+                    and tail_ns is not None and tail_ns.pidfd >= 0):
+                self._follow(tail_ns, stack)
             reached = await self._link.open(self, tail_ns, stack)
         except BaseException:
             await stack.aclose()
@@ -204,14 +218,27 @@ class Segment:
     def _tail_failed(self, t: Target | None) -> None:
         """A connection to tail t failed for good: a remote child that stopped answering is dropped."""
         if self.remote is not None and t is not None and self.target is t:
-            self._disarm()
+            host, ident = self.remote
+            self._disarm(f"its child {ident} on {host} does not answer; it is rebuilt on the next connection")
 
-    def _disarm(self) -> None:
-        """The remote child stopped answering (its daemon restarted, say): drop this
-        tail side, so that the next connection builds the child again."""
-        host, ident = self.remote
-        log.warning("wormhole %s: its child %s on %s does not answer; it is rebuilt on the next connection",
-                    self.id, ident, host)
+    def _follow(self, ns: Netns, stack: contextlib.AsyncExitStack) -> None:
+        """A docker-ns tail: once the container's process exits (a restart gives the container
+        a new namespace) the tail side is dropped, and the next connection finds it again."""
+        loop = asyncio.get_running_loop()
+
+        def gone() -> None:
+            loop.remove_reader(ns.pidfd)
+            if self.target is not None and not self._closed:
+                self._disarm(f"container {self.plan.tail.place.arg!r} stopped or restarted; "
+                             f"its namespace is looked up again on the next connection")
+
+        loop.add_reader(ns.pidfd, gone)
+        stack.callback(loop.remove_reader, ns.pidfd)
+
+    def _disarm(self, why: str) -> None:
+        """The tail side stopped working (a remote child's daemon restarted, a docker-ns
+        container restarted): drop it, so that the next connection builds it again."""
+        log.warning("wormhole %s: %s", self.id, why)
         stack, self._armed_stack = self._armed_stack, None
         self.target = self.child = self.remote = None
         self._retarget()
@@ -237,7 +264,8 @@ class Segment:
             "transport": link.transport if link and link.remote else None,
             "head": self.head_url, "tail": tail, "state": self.state,
             "connections": stats.connections, "total": stats.total,
-            "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out,
+            "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out, "refused": stats.refused,
+            "max_conns": self.limits[0] or None, "idle_timeout": self.limits[1] or None,
         }
 
     async def aclose(self) -> None:

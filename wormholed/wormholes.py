@@ -120,7 +120,7 @@ class Wormholes:
             rows.append({"id": ident, "parent": None, "child": None, "remote": None, "transport": None,
                          "head": " ".join(failed["words"]), "tail": f"(not restored: {failed['reason']})",
                          "state": "failed", "reason": failed["reason"], "connections": 0, "total": 0,
-                         "bytes_in": 0, "bytes_out": 0})
+                         "bytes_in": 0, "bytes_out": 0, "refused": 0, "max_conns": None, "idle_timeout": None})
         return rows
 
     async def restore(self) -> None:

@@ -5,6 +5,11 @@ a socket connected to the tail); datagrams that arrive while it opens wait in
 a short queue. Replies from the tail go back to that client from the head
 socket. A flow with no traffic either way for ``idle_timeout`` seconds is
 closed. Datagrams that cannot be sent at once are dropped, as UDP may.
+
+At most ``max_flows`` flows live at once: datagrams that would open another
+are dropped, counted (``stats.refused``) and logged (at most every 10 s). A
+flow socket is never taken from the fds kept for the control channel
+(limits.within_reserve); running out is logged as "out of file descriptors".
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import socket
 from typing import Awaitable, Callable
 
+from wormholed.limits import OUT_OF_FDS, UDP_IDLE_TIMEOUT, UDP_MAX_FLOWS, DropLog, is_out_of_fds, within_reserve
 from wormholed.netns import Netns, hostport, make_socket
 from wormholed.proxy.tcp import Stats, resolve
 
@@ -47,8 +53,14 @@ class _Flow:
         proxy = self.proxy
         try:
             sock = await proxy._open_flow()
+            within_reserve(sock)
         except Exception as exc:
-            proxy.log.warning("UDP flow from %s dropped, tail unreachable: %s", self.addr, exc)
+            if is_out_of_fds(exc):
+                proxy.stats.refused += 1
+                why = exc.strerror if OUT_OF_FDS in (exc.strerror or "") else f"{OUT_OF_FDS} ({exc.strerror})"
+                proxy._drops.dropped(f"new flows refused: {why}")
+            else:
+                proxy.log.warning("UDP flow from %s dropped, tail unreachable: %s", self.addr, exc)
             self.failed = True
             self.queue = None
             self.timer.cancel()
@@ -128,11 +140,14 @@ class _Flow:
 class UdpProxy:
     """Relays datagrams arriving on a bound UDP socket to per-client tail sockets."""
 
-    def __init__(self, sock: socket.socket, open_flow: OpenFlow, *, idle_timeout: float = 60.0,
-                 stats: Stats | None = None, log: logging.Logger = _log) -> None:
+    def __init__(self, sock: socket.socket, open_flow: OpenFlow, *, idle_timeout: float = UDP_IDLE_TIMEOUT,
+                 max_flows: int = UDP_MAX_FLOWS, stats: Stats | None = None, log: logging.Logger = _log,
+                 name: str = "UDP relay") -> None:
         self._sock = sock
         self._open_flow = open_flow
         self.idle_timeout = idle_timeout
+        self.max_flows = max_flows
+        self._drops = DropLog(log, f"{name}: UDP datagrams")
         self.stats = stats if stats is not None else Stats()
         self.log = log
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,6 +176,10 @@ class UdpProxy:
                 continue
             flow = flows.get(addr)
             if flow is None:
+                if len(flows) >= self.max_flows:
+                    self.stats.refused += 1
+                    self._drops.dropped(f"new flows refused, {self.max_flows} (max-conns) are open")
+                    continue
                 flow = flows[addr] = _Flow(self, addr)
                 self.stats.total += 1
                 self.stats.connections += 1
