@@ -249,3 +249,40 @@ def test_udp_flows_stop_at_the_fd_reserve_and_the_control_channel_still_answers(
     finally:
         for s in clients:
             s.close()
+
+
+def closed_by_proxy(sock) -> bool:
+    """The proxy closed (or reset) this client's connection."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_tcp_max_conns_and_idle_timeout_through_the_daemon(make_host):
+    h = make_host(args=("--max-conns", "7"))
+    h.echo_server(7160)
+    ident, url = h.create("url", ":7161", "max-conns", "2", "idle-timeout", "1s", "tail", "url", ":7160")
+    plain, _ = h.create("url", ":7162", "tail", "url", ":7160")
+    rows = {r["id"]: r for r in h.list()}
+    assert (rows[ident]["max_conns"], rows[ident]["idle_timeout"]) == (2, 1.0)
+    assert (rows[plain]["max_conns"], rows[plain]["idle_timeout"]) == (7, None), "the daemon's default"
+    first, second = h.connect(7161), h.connect(7161)
+    for s in (first, second):
+        s.sendall(b"hi")
+        assert s.recv(10) == b"hi"
+    third = h.connect(7161)
+    assert closed_by_proxy(third), "over max-conns: turned away"
+    third.close()
+    rows = {r["id"]: r for r in h.list()}
+    assert (rows[ident]["connections"], rows[ident]["refused"]) == (2, 1)
+    # idle-timeout 1s: both quiet connections are cut, and there is room again
+    assert closed_by_proxy(first) and closed_by_proxy(second)
+    first.close()
+    second.close()
+    assert roundtrip(h, 7161) == b"hello wormhole"
+    h.stop()
+    h.start()
+    rows = {r["id"]: r for r in h.list()}
+    assert (rows[ident]["max_conns"], rows[ident]["idle_timeout"]) == (2, 1.0), "restored with its words"
