@@ -314,6 +314,25 @@ def test_link_down_and_up(pair):  # noqa: F811
     assert "Traceback" not in h1.logs() + h2.logs()
 
 
+def test_a_connection_tried_while_the_link_is_down_does_not_cut_live_ones(pair):  # noqa: F811
+    """A connection that fails while the link is down makes h1 look for its child again once
+    the link is back; h2 keeps the child it has (the same one is asked for), so a transfer
+    that waited out the outage goes on intact."""
+    h1, h2 = pair
+    remote_echo(pair, 7315)
+    with EchoTransfer(h1, 7315, os.urandom(4 * MiB), timeout=60, chunk=1 << 15, pace=0.02) as t:
+        t.wait_for(MiB // 2)
+        try:
+            set_link(h1, veth_name(h1, h2), "down")
+            assert refused(h1, 7315), "no way through while the link is down"
+            time.sleep(1)
+        finally:
+            set_link(h1, veth_name(h1, h2), "up")
+        assert roundtrip_eventually(h1, 7315) == b"hello wormhole"
+        assert t.wait() and t.complete, t
+    assert "asked for again by its owner, kept" in h2.logs()
+
+
 def impair(h, link: str) -> list[tuple[str, ...]]:
     """5% loss and 50 ms delay on h's end of link: `tc qdisc add dev LINK root netem loss 5%
     delay 50ms`. Where the kernel has no sch_netem (this machine's: CONFIG_NET_SCH_NETEM is

@@ -131,16 +131,19 @@ def test_ipv6_peer(pair):
     assert re.fullmatch(r"\d+\.\d+\n", h1.ok("ping", "[2001:db8::2]"))
 
 
-def test_parent_daemon_crash_and_restart_replaces_its_remote_child(pair):
+def test_parent_daemon_crash_and_restart_finds_its_remote_child_again(pair):
+    """The restored parent asks h2 for the very same child: h2 keeps the one it has (a child
+    asked for with other words would replace it)."""
     h1, h2 = pair
     h2.echo_server(7009)
     h1.create("id", "phoenix", "url", ":8009", "remote", "192.0.2.2", "tail", "url", ":7009")
-    assert len(h2.list()) == 1
+    [before] = h2.list()
     h1.stop(signal.SIGKILL)  # no teardown: the child on h2 stays
     assert [r["id"].rsplit(".", 1)[0] for r in h2.list()] == ["phoenix.1"]
-    h1.start()  # restores phoenix, whose child replaces the stale one
-    [fresh] = h2.list()
-    assert fresh["id"].startswith("phoenix.1.") and f"{fresh['id']}: replaced at the request of its owner" in h2.logs()
+    h1.start()  # restores phoenix, which asks for its child again
+    [after] = h2.list()
+    assert (after["id"], after["head"]) == (before["id"], before["head"])
+    assert f"{after['id']}: asked for again by its owner, kept" in h2.logs()
     assert roundtrip(h1, 8009) == b"hello wormhole"
 
 

@@ -67,6 +67,7 @@ class Segment:
                  inherited: dict[Place, Netns | None] | None = None, owner: str | None = None):
         self.plan, self.id, self.parent, self.owner = plan, ident, parent, owner
         self.owner_label: str | None = None  # how `list` names the owner of a remote child
+        self.asked: tuple = ()  # (words, context, over a tunnel): what the create asked for
         self.env = env
         self._link = link_for(plan)
         self._inherited = inherited or {}

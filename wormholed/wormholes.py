@@ -56,11 +56,16 @@ class Wormholes:
         except SpecError as e:
             raise Refused(str(e)) from None
         root_id = ident or p.id or str(uuid.uuid4())
+        asked = (tuple(words), ctx, tunnel)
         if owner is not None:
             root_id = owned_id(root_id, owner)
             old = self._roots.get(root_id)
             if old is not None and old.owner == owner:
-                # The parent's daemon restarted and rebuilds its child: the old one is stale.
+                if old.asked == asked:
+                    # Its parent lost sight of it (a link was down, its daemon restarted) and asks
+                    # again for the very same child: the one here still serves, with its connections.
+                    log.info("wormhole %s: asked for again by its owner, kept", root_id)
+                    return self._created(root_id, old)
                 log.info("wormhole %s: replaced at the request of its owner", root_id)
                 await self.delete(root_id)
         ids = p.chain_ids(root_id)
@@ -70,6 +75,7 @@ class Wormholes:
         self._roots[root_id] = None
         seg = Segment(p, root_id, self._env, owner=owner)
         seg.owner_label = owner_label
+        seg.asked = asked
         try:
             if tunnel:
                 seg.hold(self._env.tunnels.use(owner, root_id))
@@ -86,6 +92,10 @@ class Wormholes:
             raise
         self._roots[root_id] = seg
         log.info("wormhole %s: %s -> %s", root_id, seg.head_url, seg.describe()["tail"])
+        return self._created(root_id, seg)
+
+    @staticmethod
+    def _created(root_id: str, seg: Segment) -> dict:
         return {"id": root_id, "url": seg.head_url, "host": seg.plan.head.host, "port": seg.head_port}
 
     async def delete(self, ident: str) -> dict:
