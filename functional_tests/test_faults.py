@@ -8,6 +8,7 @@ mounts go with the test hosts (conftest's make_host), whatever happens.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import select
@@ -286,29 +287,38 @@ def test_far_daemon_killed_mid_stream_then_the_next_connection_rebuilds(pair):  
     assert "Traceback" not in h1.logs() + h2.logs()
 
 
+@contextlib.contextmanager
+def link_down(h, peer):
+    """h's end of the link to peer down for the block, up again whatever happens."""
+    set_link(h, veth_name(h, peer), "down")
+    try:
+        yield
+    finally:
+        set_link(h, veth_name(h, peer), "up")
+
+
+def paced_transfer(h, port: int) -> EchoTransfer:
+    """4 MiB echoed through port, 32 KiB every 20 ms: long enough to break a link under it."""
+    return EchoTransfer(h, port, os.urandom(4 * MiB), timeout=60, chunk=1 << 15, pace=0.02)
+
+
 def test_link_down_and_up(pair):  # noqa: F811
     """The link down for 1.5 s mid-transfer: the transfer waits (TCP retransmits) or fails
     with an error; never wrong bytes, never a hang. Then the far end's link down: a new
     connection fails within a bounded time, and once the link is up new transfers work."""
     h1, h2 = pair
     remote_echo(pair, 7310)
-    with EchoTransfer(h1, 7310, os.urandom(4 * MiB), timeout=60, chunk=1 << 15, pace=0.02) as t:
+    with paced_transfer(h1, 7310) as t:
         t.wait_for(MiB // 2)
-        try:
-            set_link(h1, veth_name(h1, h2), "down")
+        with link_down(h1, h2):
             time.sleep(1.5)
-        finally:
-            set_link(h1, veth_name(h1, h2), "up")
         ended(t, "link down 1.5 s mid-transfer")
     echo_ok(h1, 7310)
-    try:
-        set_link(h2, veth_name(h2, h1), "down")
+    with link_down(h2, h1):
         start = time.monotonic()
         assert refused(h1, 7310), "no way through while the link is down"
         print(f"a connection while the far end is down failed after {time.monotonic() - start:.1f} s")
         assert time.monotonic() - start < 15 * SLOW
-    finally:
-        set_link(h2, veth_name(h2, h1), "up")
     assert roundtrip_eventually(h1, 7310) == b"hello wormhole"
     echo_ok(h1, 7310)
     assert "Traceback" not in h1.logs() + h2.logs()
@@ -320,14 +330,11 @@ def test_a_connection_tried_while_the_link_is_down_does_not_cut_live_ones(pair):
     that waited out the outage goes on intact."""
     h1, h2 = pair
     remote_echo(pair, 7315)
-    with EchoTransfer(h1, 7315, os.urandom(4 * MiB), timeout=60, chunk=1 << 15, pace=0.02) as t:
+    with paced_transfer(h1, 7315) as t:
         t.wait_for(MiB // 2)
-        try:
-            set_link(h1, veth_name(h1, h2), "down")
+        with link_down(h1, h2):
             assert refused(h1, 7315), "no way through while the link is down"
             time.sleep(1)
-        finally:
-            set_link(h1, veth_name(h1, h2), "up")
         assert roundtrip_eventually(h1, 7315) == b"hello wormhole"
         assert t.wait() and t.complete, t
     assert "asked for again by its owner, kept" in h2.logs()
