@@ -286,3 +286,38 @@ def test_tcp_max_conns_and_idle_timeout_through_the_daemon(make_host):
     h.start()
     rows = {r["id"]: r for r in h.list()}
     assert (rows[ident]["max_conns"], rows[ident]["idle_timeout"]) == (2, 1.0), "restored with its words"
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_tcp_connections_stop_at_the_fd_reserve_and_the_control_channel_still_answers(make_host, engine):
+    """The daemon under RLIMIT_NOFILE 200: 250 held connections through a wormhole; those that
+    would take one of the last 64 fds are reset and counted, and `wormhole ping` answers."""
+    h = make_host(start=False)
+    h.echo_server(7170)
+    env = dict(os.environ, WORMHOLE_ENGINE=engine)
+    h.daemon = h.popen("prlimit", "--nofile=200:200", WORMHOLED, "-H", h.sock, "--state-dir", h.state,
+                       stderr=open(h.log, "ab"), env=env)
+    h.wait_ready()
+    h.create("url", ":7171", "tail", "url", ":7170")
+    clients = []
+    try:
+        for _ in range(250):
+            try:
+                clients.append(h.connect(7171))
+            except ConnectionResetError:  # the reset came before connect() returned
+                pass
+        time.sleep(0.5)
+        alive = 0
+        for s in clients:
+            s.settimeout(0.5)
+            try:
+                s.sendall(b"x")
+                alive += s.recv(10) == b"x"
+            except OSError:
+                pass
+        [row] = h.list()
+        assert 20 < alive < 200 - 64 and row["refused"] >= 250 - alive
+        assert h.wormhole("ping").returncode == 0
+    finally:
+        for s in clients:
+            s.close()

@@ -42,7 +42,8 @@
  * - Limits (set_limits). A listener's `open` counts its connections wherever
  *   they are: connecting, relayed, or handed off (until relay() takes them
  *   back, still counted, or Python says dropped()). An accept while open >=
- *   max_conns is reset at once, counted refused, not total. With idle_ms, its
+ *   max_conns, or onto one of the last FD_RESERVE fds under RLIMIT_NOFILE (as
+ *   when the engine started), is reset at once, counted refused, not total. With idle_ms, its
  *   relayed connections are in `idle` (by `timer`), each moved to the tail
  *   when bytes move: oldest activity first. sweep() resets both sides of those
  *   idle for idle_ms, at most SWEEP_MS late. Timers read e->now, set per batch.
@@ -61,6 +62,7 @@
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -75,6 +77,7 @@
 #define SPARES 32           /* sockets made per trip into another namespace */
 #define CONNECT_MS 5000
 #define BACKOFF_MS 100
+#define FD_RESERVE 64       /* fds under RLIMIT_NOFILE left to Python's control channel (limits.py) */
 #define SWEEP_MS 100        /* idle connections are reset at most this late (sweeps at most this often) */
 #define MAX_EVENTS 256
 #define SPLICE_FLAGS (SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
@@ -148,7 +151,7 @@ struct engine {
     size_t hn, hcap;
     struct link table;
     int next_lid;
-    int stop, away;          /* the engine thread's from here; away: not in its home netns */
+    int stop, away, fd_ceiling; /* the engine thread's from here; away: not in its home netns */
     int64_t now, sweep_at;   /* now: read after each epoll_wait; sweep_at: the next sweep() */
     char *rbuf;
     int pool[POOL_MAX][2], npool;
@@ -157,18 +160,16 @@ struct engine {
 };
 
 static int64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void count(struct listener *l, int which, int64_t n) { __atomic_fetch_add(&l->n[which], n, __ATOMIC_RELAXED); }
 static void uncount(struct listener *l) { if (l) count(l, OPEN, -1); } /* a connection of l closed */
 
-static void abort_fd(int fd) {
+static void abort_fd(int fd) { /* close with a reset */
     struct linger lg = {1, 0};
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    close(fd);
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg), close(fd);
 }
 
 static void ring(int eventfd) {
@@ -177,8 +178,7 @@ static void ring(int eventfd) {
 }
 
 static int sock_error(int fd) {
-    int err = 0;
-    socklen_t len = sizeof err;
+    int err = 0; socklen_t len = sizeof err;
     return getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 ? errno : err;
 }
 
@@ -479,8 +479,8 @@ static void accept_some(struct engine *e, struct listener *l) {
             } /* else: no longer accepting, as TcpProxy */
             return;
         }
-        if (l->max_conns && __atomic_load_n(&l->n[OPEN], __ATOMIC_RELAXED) >= l->max_conns) {
-            count(l, REFUSED, 1), abort_fd(fd); /* over the limit: reset at once, never relayed */
+        if (fd >= e->fd_ceiling || (l->max_conns && __atomic_load_n(&l->n[OPEN], __ATOMIC_RELAXED) >= l->max_conns)) {
+            count(l, REFUSED, 1), abort_fd(fd); /* over a limit: reset at once, never relayed */
             continue;
         }
         count(l, TOTAL, 1), count(l, OPEN, 1);
@@ -769,6 +769,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
         goto fail;
     }
     e->home_dev = st.st_dev, e->home_ino = st.st_ino;
+    struct rlimit rl; /* accepting stops short of the last FD_RESERVE fds (RLIMIT_NOFILE as of now) */
+    e->fd_ceiling = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < INT_MAX ? (int)rl.rlim_cur - FD_RESERVE : INT_MAX;
     sigfillset(&all); /* signals are for Python's threads */
     pthread_sigmask(SIG_SETMASK, &all, &old);
     err = pthread_create(&e->thread, NULL, run, e);
@@ -846,8 +848,7 @@ static PyObject *Engine_set_target(EngineObject *self, PyObject *args, PyObject 
 static PyObject *Engine_clear_target(EngineObject *self, PyObject *args) {
     struct cmd c = {.op = C_CLEAR, .sync = 1, .a = -1};
     int lid;
-    if (!PyArg_ParseTuple(args, "i:clear_target", &lid) || !check_open(self)) return NULL;
-    if (command(self, lid, &c, 0) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "i:clear_target", &lid) || !check_open(self) || command(self, lid, &c, 0) < 0) return NULL;
     Py_RETURN_NONE;
 }
 

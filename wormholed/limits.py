@@ -12,7 +12,10 @@ daemon's last file descriptors, or the control channel could no longer
 accept (and `wormhole ping` would fail for a reason it cannot name). The
 data plane refuses a new socket whose fd number falls within RESERVE of
 RLIMIT_NOFILE: the kernel hands out the lowest free fd, so a high number
-means nearly all are in use.
+means nearly all are in use. UDP flows check their tail socket
+(within_reserve); TCP relays reset a client accepted onto such an fd and
+count it refused (tcp.py; the native engine, _engine.c's FD_RESERVE, reads
+RLIMIT_NOFILE when it starts, after the daemon has raised it).
 """
 
 from __future__ import annotations

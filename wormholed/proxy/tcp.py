@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from wormhole.addr import literal_family
+from wormholed.limits import fd_ceiling
 from wormholed.netns import Netns, hostport, make_socket
 
 __all__ = ["Stats", "Connect", "FinishConnect", "TcpProxy", "dial", "resolve"]
@@ -323,6 +324,7 @@ class TcpProxy:
         loop = self._loop
         stats = self.stats
         max_conns = self._max_conns
+        ceiling = fd_ceiling()  # the last fds are the control channel's (limits.py)
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, _addr = accept()
@@ -340,7 +342,7 @@ class TcpProxy:
                     self.log.error("accept failed, no longer accepting: %s", exc)
                 return
             conn = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
-            if max_conns and stats.connections >= max_conns:
+            if fd >= ceiling or (max_conns and stats.connections >= max_conns):
                 stats.refused += 1
                 _abort(conn)  # at once: never relayed, not in total
                 continue
