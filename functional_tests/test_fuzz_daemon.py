@@ -23,8 +23,7 @@ What the fuzz keeps away from, so that it stays fast and hermetic:
 - named netns: only one made for the test, and names that do not exist;
 - `tunnel-build` with a plausible overlay pair (it would build WireGuard): its params
   are random JSON only.
-Inputs that hit the known bugs pinned by the xfail tests at the end are rejected
-(`known_bug`).
+The bugs the fuzz found are regression tests at the end.
 """
 
 from __future__ import annotations
@@ -41,13 +40,12 @@ from hypothesis import strategies as st
 
 from harness import SLOW
 from unit_tests.test_fuzz_grammar import (HOSTILE, JSON, METHODS, RPC_METHODS, create_words, deep_json,
-                                          int_of_digits_bug, lines, readme_like, word_args)
+                                          lines, readme_like, word_args)
 from wormhole import protocol
 from wormhole.addr import Address
 from wormhole.keys import client_context
 from wormhole.protocol import MAX_LINE
-from wormhole.spec import LINK_ARITY_WORDS, SpecError, parse
-from wormholed.state import _SAFE as RECORD_NAME
+from wormhole.spec import LINK_ARITY_WORDS
 from wormholed.wormholes import owned_id
 
 CONTROL_PORT = 9999
@@ -151,30 +149,6 @@ def answering_peer(host: str) -> bool:
 
 def create_peers(words) -> list[str]:
     return [host for w, host in zip(words, words[1:]) if w in LINK_ARITY_WORDS]
-
-
-def known_bug(method, params) -> bool:
-    """Requests that hit the bugs pinned by the xfail tests below (a traceback in the log)."""
-    if not isinstance(params, dict):
-        return False
-    words, host, ident, owner = (params.get(k) for k in ("words", "host", "id", "owner"))
-    if method == "child" and isinstance(ident, str) and isinstance(owner, str) and ident and owner \
-            and not RECORD_NAME.fullmatch(owned_id(ident, owner)):
-        return True  # built, then never deleted
-    if method in ("create", "child") and isinstance(words, list) and all(isinstance(w, str) for w in words):
-        try:
-            parse(words, child=True)
-        except SpecError:
-            pass
-        except ValueError as e:
-            return int_of_digits_bug(e)
-        return any("%" in w and "\x00" in w for w in words)  # a scope id with a NUL (head host)
-    if method in ("ping", "tunnel-create", "tunnel-delete") and isinstance(host, str):
-        try:
-            Address.parse(host)
-        except ValueError as e:
-            return int_of_digits_bug(e)
-    return False
 
 
 def daemon_args(netns: str, *, hostile: bool) -> dict:
@@ -329,14 +303,13 @@ def test_fuzzed_requests_get_answers_and_leave_nothing(make_host, make_ns):
         made = sorted(created)
         calls = [("create", {"words": op}) if isinstance(op, list) else
                  ("delete", {"id": made[op % len(made)] if made else "fuzz-none"}) for op in batch]
-        assume(not any(known_bug(m, p) or any(map(answering_peer, create_peers(p.get("words", [])))) for m, p in calls))
+        assume(not any(any(map(answering_peer, create_peers(p.get("words", [])))) for m, p in calls))
         send(calls)
 
     @settings(FUZZ, max_examples=800)
     @given(st.lists(method_calls(ns.name), min_size=1, max_size=4))
     def methods(calls):
         for method, params in calls:
-            assume(not known_bug(method, params))
             if isinstance(params, dict):
                 words = params.get("words")
                 peers = [params.get("host"), *(create_peers(words) if isinstance(words, list) else [])]
@@ -403,41 +376,27 @@ def logged_after(host, *calls: tuple[str, dict]) -> tuple[list[dict], str]:
     return replies, log.new()
 
 
-def known(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-SUPERSCRIPT_PEER = known("Peers.address catches AddressError only, but Address.parse raises a bare ValueError for "
-                         "the port '²' (and for more than 4300 digits): a traceback in the log")
-
-
 @pytest.mark.parametrize("method,params", [
-    pytest.param("create", {"words": ["url", ":²"]}, id="create-superscript-port", marks=known(
-        "spec.parse_port takes str.isdigit() for int()-able: the port '²' raises a bare ValueError, which api.py "
-        "answers as -32002 'create failed: invalid literal for int()' with a traceback in the log, not as a "
-        "refused spec (-32001 'bad port')")),
-    pytest.param("ping", {"host": "192.0.2.1:²"}, id="ping-superscript-port", marks=SUPERSCRIPT_PEER),
-    pytest.param("tunnel-delete", {"host": "192.0.2.1:²"}, id="tunnel-delete-superscript-port",
-                 marks=SUPERSCRIPT_PEER),
-    pytest.param("create", {"words": ["url", "[::1%\x00]:20000"]}, id="create-nul-in-scope-id", marks=known(
-        "spec accepts an IPv6 scope id with a NUL ('[::1%\\x00]'), and binding it raises TypeError (not "
-        "OSError) in make_socket: create answers -32002 'create failed: host name must not contain null "
-        "character' with a traceback in the log")),
+    pytest.param("create", {"words": ["url", ":²"]}, id="create-superscript-port"),
+    pytest.param("ping", {"host": "192.0.2.1:²"}, id="ping-superscript-port"),
+    pytest.param("tunnel-delete", {"host": "192.0.2.1:²"}, id="tunnel-delete-superscript-port"),
+    pytest.param("create", {"words": ["url", "[::1%\x00]:20000"]}, id="create-nul-in-scope-id"),
 ])
-def test_bug_refused_without_a_traceback(host, method, params):
+def test_refused_without_a_traceback(host, method, params):
+    """What the fuzz found answered -32002 with a traceback: digit characters that are not
+    ASCII ('²') in a port, a NUL in an IPv6 zone."""
     [reply], logged = logged_after(host, (method, params))
     assert "Traceback" not in logged, logged
     assert reply["error"]["code"] == protocol.REFUSED
     assert host.list() == []
 
 
-@pytest.mark.xfail(strict=True, reason="`child` takes any non-empty id and owner and builds the wormhole, but "
-                   "its id 'é.o' is no safe record name: deleting it (or the owner asking for it again) raises "
-                   "ValueError in RecordDir._file, answered 'delete failed' with a traceback, and it listens until "
-                   "the daemon stops")
-def test_bug_a_child_with_a_non_ascii_id_is_refused_or_deletable(host):
-    _, logged = logged_after(host, ("child", {"words": ["url", ":20000", "tail", "url", ":20001"], "id": "é",
-                                              "owner": "o"}),
-                             ("delete", {"id": "é.o"}))
+def test_a_child_with_an_unsafe_id_is_refused(host):
+    """`child` took any id and built the wormhole, which then could never be deleted (its id
+    is no record name): ids and owners are checked first."""
+    replies, logged = logged_after(host, ("child", {"words": ["url", ":20000", "tail", "url", ":20001"], "id": "é",
+                                                    "owner": "o"}),
+                                   ("delete", {"id": "é.o"}))
     assert "Traceback" not in logged, logged
+    assert replies[0]["error"]["code"] == protocol.INVALID_PARAMS and "bad id 'é'" in replies[0]["error"]["message"]
     assert host.list() == [] and not host.listening(20000)

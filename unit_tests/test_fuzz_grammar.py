@@ -8,24 +8,21 @@ a bare ValueError...).
 
 The strategies for create's words are built by `create_words(...)`, which
 functional_tests/test_fuzz_daemon.py also uses (with ports and peers a live daemon
-can take). Inputs that hit the known bugs below are kept out of the random runs
-(`assume`, where the known failure is recognised) and pinned by strict xfail tests, so
-that a fix shows up as an XPASS.
+can take). The bugs the fuzz found are regression tests at the end.
 """
 
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from wormhole import protocol
 from wormhole.addr import Address, AddressError
 from wormhole.protocol import MAX_LINE, MAX_NESTING, Oversize, Request, RpcError
-from wormhole.spec import (ARITY, LINK_ARITY_WORDS, MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS, PROTOS, Context, Plan,
+from wormhole.spec import (ARITY, MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS, PROTOS, Context, Plan,
                            SpecError, Url, parse, plan)
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -173,23 +170,6 @@ def chains(args: dict) -> st.SearchStrategy[list[str]]:
                      args["url"], st.lists(link, min_size=MAX_LINKS - 1, max_size=MAX_LINKS + 2))
 
 
-# --- known bugs (each pinned by a strict xfail test below) ----------------------------------
-
-
-def int_of_digits_bug(e: BaseException) -> bool:
-    """spec.parse_port (and parse_count) take `str.isdigit()` for int()-able: digit characters
-    that are not decimals ("²", "①") and runs of more than 4300 digits (int()'s limit) make
-    them raise a bare ValueError instead of SpecError."""
-    return type(e) is ValueError and bool(re.match(r"invalid literal for int\(\)|Exceeds the limit \(4300", str(e)))
-
-
-def line_break_in_peer(words: list[str]) -> bool:
-    """spec._parse_link names the peer of `remote|tunnel|udptunnel HOST` unescaped in the
-    message refusing tail settings before it, before checking the host: a host with a
-    line break makes a message of two lines."""
-    return any(w in LINK_ARITY_WORDS and "".join(host.splitlines()) != host for w, host in zip(words, words[1:]))
-
-
 # --- create's words -----------------------------------------------------------------------
 
 
@@ -199,11 +179,7 @@ def check_create(words: list[str], *, child: bool = False, ctx: Context = Contex
     except SpecError as e:
         message = str(e)
         if len(message.splitlines()) != 1:
-            assume(not line_break_in_peer(words))  # known
             raise AssertionError(f"not one line: {message!r}") from None
-    except ValueError as e:
-        assume(not int_of_digits_bug(e))  # known
-        raise
     else:
         assert isinstance(result, Plan)
         ids = result.chain_ids("root")
@@ -247,9 +223,6 @@ def test_url_parse_round_trips_or_spec_error(text):
         url = Url.parse(text)
     except SpecError:
         return
-    except ValueError as e:
-        assume(not int_of_digits_bug(e))  # known
-        raise
     assert Url.parse(str(url)) == url
 
 
@@ -388,38 +361,31 @@ def test_address_parse_or_address_error(text):
         addr = Address.parse(text)
     except AddressError as e:
         assert str(e)
-    except ValueError as e:
-        assume(not int_of_digits_bug(e))  # known
-        raise
     else:
         assert addr.kind in ("tcp", "unix")
         assert addr.kind == "unix" or 0 < addr.port < 65536
 
 
-# --- the known bugs, pinned -------------------------------------------------------------
+# --- bugs the fuzz found, as regression tests ------------------------------------------
 
 BAD_PORT_DIGITS = ["²", "①", "1²", "9" * 4301]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="spec.parse_port and parse_count check str.isdigit() "
-                   "but int() needs decimals: 'url :²', 'max-conns ²' raise a bare ValueError, not SpecError")
-@pytest.mark.parametrize("words", [["url", f":{port}"] for port in BAD_PORT_DIGITS[:3]] + [["max-conns", "²"]])
-def test_bug_digit_characters_are_a_spec_error(words):
-    with pytest.raises(SpecError, match="bad"):
+@pytest.mark.parametrize("words", [["url", f":{port}"] for port in BAD_PORT_DIGITS] + [["max-conns", "²"]])
+def test_digit_characters_are_a_spec_error(words):
+    """str.isdigit() takes '²' and '①', which int() refuses: ports and counts are ASCII digits."""
+    with pytest.raises(SpecError, match="bad|the limit is"):
         plan(parse(words))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="Address.parse calls spec.parse_port, which raises "
-                   "a bare ValueError for '²' and for more than 4300 digits, not AddressError")
 @pytest.mark.parametrize("port", BAD_PORT_DIGITS)
-def test_bug_address_port_of_digit_characters_is_an_address_error(port):
+def test_address_port_of_digit_characters_is_an_address_error(port):
     with pytest.raises(AddressError):
         Address.parse(f"127.0.0.1:{port}")
 
 
-@pytest.mark.xfail(strict=True, reason="spec._parse_link puts the remote host in its message unescaped "
-                   "before checking it: a host with a newline makes a two-line SpecError")
-def test_bug_tail_before_remote_message_is_one_line():
+def test_tail_before_remote_message_is_one_line():
+    """The remote host is checked before a message names it."""
     with pytest.raises(SpecError) as e:
         parse(["tail", "url", ":1", "remote", "a\nb"])
     assert "\n" not in str(e.value)

@@ -40,6 +40,8 @@ ARITY = {
     "max-conns": 1, "idle-timeout": 1,
 }
 MAX_CONNS_LIMIT = 1 << 20  # max-conns above this is surely a typo
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() takes '²' and Arabic-Indic digits
+_SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an IPv6 zone: an interface name or index
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 # Limits on what one create may say (documented in `help create` and the README): far
@@ -67,14 +69,14 @@ def hostport(host: str, port: int | str) -> str:
 
 
 def parse_port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not _DIGITS.fullmatch(text) or not 0 < int(text) < 65536:
         raise SpecError(f"bad port {text!r} in {what}: ports are 1-65535")
     return int(text)
 
 
 def parse_count(text: str, what: str) -> int:
     """A positive count such as max-conns' (at most MAX_CONNS_LIMIT)."""
-    if not text.isdigit() or not 0 < int(text) <= MAX_CONNS_LIMIT:
+    if not _DIGITS.fullmatch(text) or not 0 < int(text) <= MAX_CONNS_LIMIT:
         raise SpecError(f"bad {what} {text!r}: a whole number from 1 to {MAX_CONNS_LIMIT}")
     return int(text)
 
@@ -118,6 +120,8 @@ def split_host_port(text: str, what: str) -> tuple[str | None, int | None]:
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
             raise SpecError(f"bad IPv6 address {text[: end + 1]!r} in {what}") from None
+        if "%" in host and not _SCOPE.fullmatch(host.partition("%")[2]):
+            raise SpecError(f"bad IPv6 zone in {text[: end + 1]!r} in {what}: an interface name or index")
         if rest and not rest.startswith(":"):
             raise SpecError(f"bad address {text!r} in {what}")
         return host, parse_port(rest[1:], what) if rest else None
@@ -333,10 +337,10 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
 def _parse_link(word: str, host: str | None, fields: dict, words: tuple[str, ...], i: int) -> Link:
     where, transport = LINK_WORDS[word]
     if where == "remote":
+        split_host_port(host, f"{word} {host!r}")  # first: the host is named in messages below
         if fields["tail"].given:
             raise SpecError(f"'{word}' makes the tail connect to the child on {host}: "
                             f"give tail settings after '{word} {host}'")
-        split_host_port(host, f"{word} {host!r}")
     # A child's head starts as a copy of this tail: `plan` fills what its words leave out.
     return Link(where, transport, host, words[i:], _parse_segment(words, i))
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from wormhole import protocol
 from wormhole.keys import server_context
 from wormhole.protocol import RpcError
-from wormhole.spec import PROTOS, Context, SpecError, check_limits
+from wormhole.spec import PROTOS, Context, SpecError, check_limits, check_name
 
 from .errors import DaemonError, Failed, Refused, to_rpc
 from .peers import Peers
@@ -100,6 +101,12 @@ def methods(wormholes: Wormholes, peers: Peers, tunnels: Tunnels) -> dict[str, M
         if proto not in PROTOS:
             raise RpcError(protocol.INVALID_PARAMS, "parameter 'proto' must be tcp or udp")
         owner = _str(params, "owner")
+        if not re.fullmatch(r"[A-Za-z0-9]{1,64}", owner):
+            raise RpcError(protocol.INVALID_PARAMS, "parameter 'owner' must be a daemon id (letters and digits)")
+        try:
+            ident = check_name(_str(params, "id"), "id")
+        except SpecError as e:
+            raise RpcError(protocol.INVALID_PARAMS, f"parameter 'id': {e}") from None
         host = conn.local_ip
         if params.get("tunnel"):
             host = _ip(params, "host")
@@ -107,7 +114,7 @@ def methods(wormholes: Wormholes, peers: Peers, tunnels: Tunnels) -> dict[str, M
                 raise Refused(f"{host} is not this host's end of a tunnel to the caller")
         ctx = Context(service_port=port, head_proto=proto, head_host=host)
         label = f"{params.get('parent') or '?'}@{conn.peer}"
-        return await wormholes.create(_words(params), _str(params, "id"), ctx=ctx, save=False, owner=owner,
+        return await wormholes.create(_words(params), ident, ctx=ctx, save=False, owner=owner,
                                       owner_label=label, tunnel=bool(params.get("tunnel")))
 
     async def delete(params, conn):

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -212,7 +213,7 @@ def _cidr(ctx, param, value):
 
 def _ports(ctx, param, value):
     lo, sep, hi = value.partition("-")
-    if sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 65536:
+    if sep and re.fullmatch(r"[0-9]{1,5}", lo) and re.fullmatch(r"[0-9]{1,5}", hi) and 0 < int(lo) <= int(hi) < 65536:
         return int(lo), int(hi)
     raise click.BadParameter(f"{value!r} is not a port range like 4500-4599")
 

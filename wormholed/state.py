@@ -80,6 +80,8 @@ class RecordDir:
 
     def remove(self, ident: str) -> None:
         """RecordError when the record is there and cannot be removed (read-only)."""
+        if not _SAFE.fullmatch(ident):
+            return  # no record can have that name
         try:
             os.unlink(self._file(ident))
         except FileNotFoundError:
