@@ -39,6 +39,8 @@ def test_default_limit_is_one_mebibyte():
     (b'{"jsonrpc":"2.0","id":1}', protocol.INVALID_REQUEST),
     (b'{"jsonrpc":"2.0","method":"x","params":[1],"id":1}', protocol.INVALID_PARAMS),
     (Oversize(2 << 20), protocol.INVALID_REQUEST),
+    (b'{"jsonrpc":"2.0","method":"x","id":NaN}', protocol.PARSE_ERROR),
+    (b'{"jsonrpc":"2.0","method":"x","params":{"a":-Infinity},"id":1}', protocol.PARSE_ERROR),
 ])
 def test_bad_requests(line, code):
     with pytest.raises(RpcError) as e:

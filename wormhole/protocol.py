@@ -135,6 +135,10 @@ def nesting(line: str) -> int:
     return deepest
 
 
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; JSON has neither
+
+
 def _loads(line: bytes | str, what: str):
     """json.loads of UTF-8 text (the wire's encoding: json would guess UTF-16 and UTF-32 from
     bytes too), with the nesting limit checked first (json's parser recurses per level)."""
@@ -147,7 +151,7 @@ def _loads(line: bytes | str, what: str):
         if (depth := nesting(line)) > MAX_NESTING:
             raise RpcError(PARSE_ERROR, f"{what}: JSON nested {depth} levels deep (the limit is {MAX_NESTING})")
     try:
-        return json.loads(line)
+        return json.loads(line, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RpcError(PARSE_ERROR, f"{what}: {e}") from None
 

@@ -95,7 +95,7 @@ def methods(wormholes: Wormholes, peers: Peers, tunnels: Tunnels) -> dict[str, M
         """A remote child for a wormhole on the calling daemon; its head faces the caller,
         or, over a tunnel, listens on this end's overlay address (`host`)."""
         port = params.get("service_port")
-        if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
             raise RpcError(protocol.INVALID_PARAMS, "parameter 'service_port' must be a port")
         proto = params.get("proto", "tcp")
         if proto not in PROTOS:
