@@ -272,9 +272,13 @@ def test_tcp_max_conns_and_idle_timeout_through_the_daemon(make_host):
     for s in (first, second):
         s.sendall(b"hi")
         assert s.recv(10) == b"hi"
-    third = h.connect(7161)
-    assert closed_by_proxy(third), "over max-conns: turned away"
-    third.close()
+    try:
+        third = h.connect(7161)
+    except ConnectionResetError:  # the reset came before connect() returned
+        pass
+    else:
+        assert closed_by_proxy(third), "over max-conns: turned away"
+        third.close()
     rows = {r["id"]: r for r in h.list()}
     assert (rows[ident]["connections"], rows[ident]["refused"]) == (2, 1)
     # idle-timeout 1s: both quiet connections are cut, and there is room again
@@ -316,7 +320,8 @@ def test_tcp_connections_stop_at_the_fd_reserve_and_the_control_channel_still_an
             except OSError:
                 pass
         [row] = h.list()
-        assert 20 < alive < 200 - 64 and row["refused"] >= 250 - alive
+        # each relayed connection takes 2 fds (native) or up to 6 (python: pipes while splicing)
+        assert 5 < alive < 200 - 64 and row["refused"] >= 250 - alive
         assert h.wormhole("ping").returncode == 0
     finally:
         for s in clients:

@@ -229,7 +229,7 @@ def test_url_parse_round_trips_or_spec_error(text):
 # --- JSON-RPC lines -------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=30)
 RPC_METHODS = ("echo", "ping", "create", "delete", "list", "child", "tunnel-create", "tunnel-delete", "tunnel-list",

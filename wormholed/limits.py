@@ -59,11 +59,20 @@ def is_out_of_fds(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
 
 
+def reserve_error() -> OSError:
+    return OSError(errno.EMFILE, f"{OUT_OF_FDS} (the last {RESERVE} are kept for the control channel)")
+
+
+def out_of_fds_reason(exc: OSError) -> str:
+    """What to log for an fd shortage: the reserve's message, or 'out of file descriptors (why)'."""
+    return exc.strerror if OUT_OF_FDS in (exc.strerror or "") else f"{OUT_OF_FDS} ({exc.strerror})"
+
+
 def within_reserve(sock: socket.socket) -> None:
     """Close ``sock`` and raise EMFILE if its fd is one of those kept for the control channel."""
     if sock.fileno() >= fd_ceiling():
         sock.close()
-        raise OSError(errno.EMFILE, f"{OUT_OF_FDS} (the last {RESERVE} are kept for the control channel)")
+        raise reserve_error()
 
 
 class DropLog:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from wormhole.addr import literal_family
-from wormholed.limits import fd_ceiling
+from wormholed.limits import DropLog, fd_ceiling, is_out_of_fds, out_of_fds_reason, reserve_error
 from wormholed.netns import Netns, hostport, make_socket
 
 __all__ = ["Stats", "Connect", "FinishConnect", "TcpProxy", "dial", "resolve"]
@@ -283,6 +283,7 @@ class TcpProxy:
         self._connect = connect
         self.stats = stats if stats is not None else Stats()
         self.log = log
+        self._drops = DropLog(log, "TCP relay")
         check_limits(max_conns, idle_timeout)
         self._max_conns = max_conns
         self._idle_timeout = idle_timeout
@@ -373,6 +374,8 @@ class TcpProxy:
             if self._closed:  # connect() finished despite the cancellation
                 raise asyncio.CancelledError
             tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tail.fileno() >= fd_ceiling():  # the control channel's fds (limits.py)
+                raise reserve_error()
             pipes = self._take_pipes()
         except BaseException as exc:
             self.stats.connections -= 1
@@ -380,6 +383,11 @@ class TcpProxy:
             if tail is not None:
                 self._registered.discard(tail.fileno())
                 _abort(tail)
+            if is_out_of_fds(exc):  # turned away, as at accept
+                self.stats.total -= 1
+                self.stats.refused += 1
+                self._drops.dropped(f"connections refused: {out_of_fds_reason(exc)}")
+                return
             if isinstance(exc, Exception):
                 self.log.warning("connection dropped: %s", exc)
                 return
@@ -400,13 +408,19 @@ class TcpProxy:
             relay.close(reset=True)
 
     def _take_pipes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Two pipes, from the pool or new; none on one of the fds kept for the control channel."""
         pool = self._pipes
         first = pool.pop() if pool else _new_pipe()
         try:
-            return first, pool.pop() if pool else _new_pipe()
+            second = pool.pop() if pool else _new_pipe()
         except OSError:
             pool.append(first)
             raise
+        if max(*first, *second) >= fd_ceiling():
+            for fd in (*first, *second):
+                os.close(fd)
+            raise reserve_error()
+        return first, second
 
     def _drop_pipes(self) -> None:
         for r, w in self._pipes:

@@ -20,7 +20,8 @@ import logging
 import socket
 from typing import Awaitable, Callable
 
-from wormholed.limits import OUT_OF_FDS, UDP_IDLE_TIMEOUT, UDP_MAX_FLOWS, DropLog, is_out_of_fds, within_reserve
+from wormholed.limits import (UDP_IDLE_TIMEOUT, UDP_MAX_FLOWS, DropLog, is_out_of_fds, out_of_fds_reason,
+                              within_reserve)
 from wormholed.netns import Netns, hostport, make_socket
 from wormholed.proxy.tcp import Stats, resolve
 
@@ -57,8 +58,7 @@ class _Flow:
         except Exception as exc:
             if is_out_of_fds(exc):
                 proxy.stats.refused += 1
-                why = exc.strerror if OUT_OF_FDS in (exc.strerror or "") else f"{OUT_OF_FDS} ({exc.strerror})"
-                proxy._drops.dropped(f"new flows refused: {why}")
+                proxy._drops.dropped(f"new flows refused: {out_of_fds_reason(exc)}")
             else:
                 proxy.log.warning("UDP flow from %s dropped, tail unreachable: %s", self.addr, exc)
             self.failed = True
