@@ -933,22 +933,22 @@ def haproxy(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
         yield port, p.popen.pid
 
 
+def _socat(tmp: Path, target: int, proto: str) -> Iterator[tuple[int, int]]:
+    port = free_port()
+    argv = ["socat", f"{proto}-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"{proto}:127.0.0.1:{target}"]
+    with Proc(f"socat-{proto.lower()}-{target}", argv, tmp) as p:
+        (wait_udp_bound if proto == "UDP" else wait_listening)(port, p)
+        yield port, p.popen.pid
+
+
 @contextlib.contextmanager
 def socat(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
-    port = free_port()
-    argv = ["socat", f"TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"TCP:127.0.0.1:{target}"]
-    with Proc(f"socat-{target}", argv, tmp) as p:
-        wait_listening(port, p)
-        yield port, p.popen.pid
+    yield from _socat(tmp, target, "TCP")
 
 
 @contextlib.contextmanager
 def socat_udp(tmp: Path, target: int) -> Iterator[tuple[int, int]]:
-    port = free_port()
-    argv = ["socat", f"UDP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1", f"UDP:127.0.0.1:{target}"]
-    with Proc(f"socat-udp-{target}", argv, tmp) as p:
-        wait_udp_bound(port, p)
-        yield port, p.popen.pid
+    yield from _socat(tmp, target, "UDP")
 
 
 class Wormhole:

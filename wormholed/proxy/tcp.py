@@ -286,6 +286,7 @@ class TcpProxy:
         self._drops = DropLog(log, "TCP relay")
         check_limits(max_conns, idle_timeout)
         self._max_conns = max_conns
+        self._fd_ceiling = 0  # start(): the last fds are the control channel's (limits.py)
         self._idle_timeout = idle_timeout
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -308,6 +309,7 @@ class TcpProxy:
         self._epoll = select.epoll()
         self._loop.add_reader(self._epoll.fileno(), self._on_events)
         prepare_listener(self._sock)
+        self._fd_ceiling = fd_ceiling()  # once: the daemon raised RLIMIT_NOFILE before any proxy starts
         self._family = int(self._sock.family)
         self._resume_accepting()
         if self._idle_timeout > 0:
@@ -325,7 +327,7 @@ class TcpProxy:
         loop = self._loop
         stats = self.stats
         max_conns = self._max_conns
-        ceiling = fd_ceiling()  # the last fds are the control channel's (limits.py)
+        ceiling = self._fd_ceiling
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, _addr = accept()
@@ -374,7 +376,7 @@ class TcpProxy:
             if self._closed:  # connect() finished despite the cancellation
                 raise asyncio.CancelledError
             tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tail.fileno() >= fd_ceiling():  # the control channel's fds (limits.py)
+            if tail.fileno() >= self._fd_ceiling:
                 raise reserve_error()
             pipes = self._take_pipes()
         except BaseException as exc:
@@ -416,7 +418,7 @@ class TcpProxy:
         except OSError:
             pool.append(first)
             raise
-        if max(*first, *second) >= fd_ceiling():
+        if max(*first, *second) >= self._fd_ceiling:
             for fd in (*first, *second):
                 os.close(fd)
             raise reserve_error()
