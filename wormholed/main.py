@@ -172,6 +172,7 @@ async def _run(config: Config, state: StateDir) -> None:
         where = ", ".join(str(a) for a in config.addrs) or f"{len(config.inherited)} socket(s) from systemd"
         log.info("listening on %s", where)
         systemd.notify("READY=1")
+        systemd.start_watchdog()
         await stop.wait()
         log.info("stopping")
         systemd.notify("STOPPING=1")
@@ -274,8 +275,7 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wir
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
     key in KEYFILE; `wormhole keygen` makes one.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="wormholed: %(levelname)s %(message)s", stream=sys.stderr)
+    systemd.setup_logging(verbose)
     try:
         key = load_key(key_file)
     except KeyFileError as e:
