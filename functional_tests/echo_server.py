@@ -1,6 +1,7 @@
 """An echo service for tests: echoes until the client's EOF, then closes its side.
 
-Usage: echo_server.py HOST PORT [--udp]; prints "ready" once listening."""
+Usage: echo_server.py HOST PORT [--udp]; prints "ready" once listening.
+HOST unix:/PATH or unix:@NAME (abstract; PORT ignored): a unix stream socket."""
 
 import asyncio
 import sys
@@ -28,7 +29,10 @@ class UdpEcho(asyncio.DatagramProtocol):
 
 
 async def main(host, port, udp):
-    if udp:
+    if host.startswith("unix:"):
+        path = host[len("unix:"):]
+        await asyncio.start_unix_server(echo, "\0" + path[1:] if path.startswith("@") else path)
+    elif udp:
         await asyncio.get_running_loop().create_datagram_endpoint(UdpEcho, local_addr=(host, port))
     else:
         await asyncio.start_server(echo, host, port)

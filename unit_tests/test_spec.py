@@ -299,3 +299,99 @@ def test_max_conns_and_idle_timeout_words():
                        (["max-conns", "1", "max-conns", "2"], "'max-conns' given twice")):
         with pytest.raises(SpecError, match=msg):
             parse(["url", ":80", *words])
+
+
+# --- unix sockets ------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expect", [
+    ("unix:///run/app.sock", Url("unix", None, path="/run/app.sock")),
+    ("unix://ns1@/run/app.sock", Url("unix", Place("netns", "ns1"), path="/run/app.sock")),
+    ("unix://docker:db@/var/run/mysqld/mysqld.sock",
+     Url("unix", Place("docker-ns", "db"), path="/var/run/mysqld/mysqld.sock")),
+    ("unix:@name", Url("unix", None, path="@name")),
+    ("unix:ns1@@name", Url("unix", Place("netns", "ns1"), path="@name")),
+])
+def test_unix_urls_parse_and_read_back(text, expect):
+    assert Url.parse(text) == expect and str(expect) == text
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("unix://relative/x", "path is absolute"), ("unix:name", r"unix:///PATH or unix:@NAME"),
+    ("unix:///" + "a" * 107, "too long"), ("unix:@", "bad unix socket"), ("unix:///dir/", "bad unix socket"),
+    ("unix://bad/ns@/x", "namespace name"),
+])
+def test_unix_url_errors(text, msg):
+    with pytest.raises(SpecError, match=msg):
+        Url.parse(text)
+
+
+def test_unix_crosses_to_tcp_both_ways_but_not_to_udp():
+    p = P("url :8080 tail url unix:///var/run/docker.sock")
+    assert (p.tail.proto, p.tail.path, p.tail.host, p.tail.port) == ("unix", "/var/run/docker.sock", None, None)
+    p = P("url unix:///run/h.sock tail url :80")
+    assert (p.head.proto, p.head.path, p.head.port, p.mode) == ("unix", "/run/h.sock", None, 0o660)
+    assert (p.tail.proto, p.tail.port) == ("tcp", 80), "a unix head's tail is tcp unless it says unix"
+    for words, msg in (("url udp://:53 tail url unix:///x", "speaks udp but its tail speaks unix"),
+                       ("url unix:///x tail", "tail with no port: give a tail port"),
+                       ("url unix:///x tail url unix:///x", "proxies to itself"),
+                       ("url unix:///a url :80 tail url :1", "takes a path .*not a host or port")):
+        with pytest.raises(SpecError, match=msg):
+            P(words)
+    assert P("url unix://ns1@/x tail url unix:///x").tail.path == "/x", "another place is not itself"
+
+
+def test_mode_word():
+    assert P("url unix:///x mode 0600 tail url :1").mode == 0o600
+    assert P("url unix:///x mode 640 tail url :1").mode == 0o640
+    for words, msg in (("url unix:///x mode 0999 tail url :1", "bad mode"),
+                       ("url unix:///x mode 01777 tail url :1", "bad mode"),
+                       ("url :80 mode 0600 tail url :1", "unix head socket file"),
+                       ("url unix:@x mode 0600 tail url :1", "unix head socket file"),
+                       ("url unix:///x tail url :1 mode 0600", "give it before 'tail'"),
+                       ("url unix:///x mode 0600 mode 0600 tail url :1", "given twice")):
+        with pytest.raises(SpecError, match=msg):
+            P(words)
+
+
+def test_a_remote_childs_head_is_never_a_unix_socket():
+    with pytest.raises(SpecError, match="cannot be a unix socket"):
+        plan(parse(["url", "unix:///x"], child=True), Context(80, dialled=True))
+
+
+def test_a_chain_after_a_unix_tail_listens_there_or_moves_to_tcp():
+    p = P("url :80 tail url unix:///x chain tail url :81")
+    assert p.child.head.path == "/x" and p.tail.path == "/x"
+    p = P("url :80 tail url unix:///x chain url :90 tail url :81")
+    assert (p.child.head.proto, p.child.head.host, p.child.head.port) == ("tcp", "127.0.0.1", 90)
+
+
+# --- several tails -------------------------------------------------------------
+
+def test_add_tail_and_balance():
+    p = P("url :80 tail url :81 add-tail url :82 add-tail docker-ns web balance least-conns")
+    assert [str(t) for t in p.all_tails] == ["tcp://127.0.0.1:81", "tcp://127.0.0.1:82",
+                                             "tcp://docker:web@127.0.0.1:80"]
+    assert p.balance == "least-conns" and P("url :80 tail url :81 add-tail url :82").balance == "round-robin"
+    assert [str(t) for t in P("url :80 tail docker-ns a add-tail url :81").all_tails] == \
+        ["tcp://docker:a@127.0.0.1:80", "tcp://127.0.0.1:81"], "tails default as always (the service port)"
+    with pytest.raises(SpecError, match="proxies to itself"):
+        P("url :80 add-tail url :81")  # the first tail is the head's own port
+
+
+def test_add_tail_remote_makes_the_remote_child_one_of_the_tails():
+    p = P("url :80 tail url :81 add-tail url ns1@:82 add-tail remote B tail url :83")
+    assert p.link.host == "B" and p.link.words == ("tail", "url", ":83")
+    assert [str(t) for t in p.all_tails] == ["tcp://*:*", "tcp://127.0.0.1:81", "tcp://ns1@127.0.0.1:82"]
+
+
+def test_bad_tails():
+    for words, msg in (("url :80 tail url :81 add-tail url udp://:82", "speaks tcp but its tail speaks udp"),
+                       ("url :80 tail url :81 add-tail url :80", "proxies to itself"),
+                       ("url :80 balance x", "bad balance"),
+                       ("url :80 balance round-robin balance least-conns", "given twice"),
+                       ("url unix:///h tail url :1 add-tail", "tail with no port")):
+        with pytest.raises(SpecError, match=msg):
+            P(words)
+    from wormhole.spec import MAX_TAILS
+    with pytest.raises(SpecError, match="too many tails"):
+        parse(["url", ":80"] + ["add-tail"] * MAX_TAILS)

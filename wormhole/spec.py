@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 from .docker_args import RunArgsError, parse_run_args
 
-PROTOS = ("tcp", "udp")
+PROTOS = ("tcp", "udp")  # what a head another daemon dials may speak
+URL_PROTOS = PROTOS + ("unix",)
+STREAM = ("tcp", "unix")  # protocols a stream relay joins: a tcp head may have a unix tail and back
+BALANCE = ("round-robin", "least-conns")
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, the last a NUL (an abstract name: its @ stands for a NUL)
+DEFAULT_MODE = 0o660  # a unix head socket's permissions unless `mode` says otherwise
 # chain word -> (where the child lives, how its bytes travel)
 LINK_WORDS = {
     "child": ("child", "direct"), "chain": ("chain", "direct"), "remote": ("remote", "direct"),
@@ -37,11 +42,12 @@ LINK_WORDS = {
 ARITY = {
     "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "tail": 0, "trigger": 0,
     "child": 0, "chain": 0, "remote": 1, "tunnel": 1, "udptunnel": 1,
-    "max-conns": 1, "idle-timeout": 1,
+    "max-conns": 1, "idle-timeout": 1, "mode": 1, "add-tail": 0, "balance": 1,
 }
 MAX_CONNS_LIMIT = 1 << 20  # max-conns above this is surely a typo
 _DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() takes '²' and Arabic-Indic digits
 _SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an IPv6 zone: an interface name or index
+_MODE = re.compile(r"0?[0-7]{3}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 # Limits on what one create may say (documented in `help create` and the README): far
@@ -50,6 +56,7 @@ _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 MAX_WORDS = 256
 MAX_WORD_LENGTH = 4096
 MAX_LINKS = 16  # child/chain/remote/tunnel/udptunnel words in one create
+MAX_TAILS = 64  # tails of one wormhole (add-tail)
 LINK_ARITY_WORDS = ("child", "chain", "remote", "tunnel", "udptunnel")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
@@ -163,18 +170,24 @@ DOCKER_PREFIX = "docker:"
 @dataclass(frozen=True)
 class Url:
     """`[tcp|udp://][NS@|docker:CONTAINER@][HOST][:PORT]`; a field left out is None (not given).
+    A unix socket: `unix://[NS@]/PATH` (a file) or `unix:[NS@]@NAME` (the abstract namespace).
 
     `docker:NAME@` is the namespace of a running container (as `docker-ns NAME`): it lets
-    the URLs that `create` and `list` print be read back by `url`."""
+    the URLs that `create` and `list` print be read back by `url`. A unix socket's file is
+    looked up in the filesystem of the place's container (docker-ns), else the host's; an
+    abstract name belongs to the place's network namespace."""
 
     proto: str | None = None
     place: Place | None = None
     host: str | None = None
     port: int | None = None
+    path: str | None = None  # unix: "/file" or "@abstract"
 
     @classmethod
     def parse(cls, text: str) -> Url:
         what = f"url {text!r}"
+        if text.startswith("unix:"):
+            return cls._parse_unix(text[len("unix:"):], what)
         proto = None
         if "://" in text:
             proto, _, text = text.partition("://")
@@ -183,14 +196,33 @@ class Url:
         place = None
         if "@" in text:
             name, _, text = text.partition("@")
-            if name.startswith(DOCKER_PREFIX):
-                place = Place("docker-ns", check_name(name[len(DOCKER_PREFIX):], "container"))
-            else:
-                place = Place("netns", check_name(name, "namespace name"))
+            place = _place_named(name)
         host, port = split_host_port(text, what)
         return cls(proto, place, host, port)
 
+    @classmethod
+    def _parse_unix(cls, rest: str, what: str) -> Url:
+        """After `unix:`: `//[NS@]/PATH` or `[NS@]@NAME`."""
+        place = None
+        if rest.startswith("//"):
+            rest = rest[2:]
+            if not rest.startswith("/"):
+                name, sep, rest = rest.partition("@")
+                if not sep:
+                    raise SpecError(f"bad {what}: a unix socket's path is absolute (unix:///run/app.sock)")
+                place = _place_named(name)
+            if not rest.startswith("/"):
+                raise SpecError(f"bad {what}: a unix socket's path is absolute (unix:///run/app.sock)")
+        elif not rest.startswith("@"):
+            name, sep, rest = rest.partition("@")
+            if not sep:
+                raise SpecError(f"bad {what}: write unix:///PATH or unix:@NAME (abstract)")
+            place = _place_named(name)
+        return cls("unix", place, path=check_unix_path(rest, what))
+
     def __str__(self) -> str:
+        if self.proto == "unix":
+            return unix_url(self.place, self.path)
         host = f"[{self.host}]" if self.host and ":" in self.host else (self.host or "")
         return "".join((
             f"{self.proto}://" if self.proto else "",
@@ -198,6 +230,36 @@ class Url:
             host,
             f":{self.port}" if self.port is not None else "",
         ))
+
+
+def _place_named(name: str) -> Place:
+    """The place a URL's `NS@` or `docker:NAME@` names."""
+    if name.startswith(DOCKER_PREFIX):
+        return Place("docker-ns", check_name(name[len(DOCKER_PREFIX):], "container"))
+    return Place("netns", check_name(name, "namespace name"))
+
+
+def check_unix_path(path: str, what: str) -> str:
+    """A unix socket's file path (absolute, no NUL) or `@NAME` (abstract), short enough to bind."""
+    if path in ("@", "/") or "\0" in path or path.endswith("/"):
+        raise SpecError(f"bad unix socket {path!r} in {what}")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise SpecError(f"unix socket path too long in {what}: {len(path.encode())} bytes "
+                        f"(at most {UNIX_PATH_MAX})")
+    return path
+
+
+def unix_url(place: Place | None, path: str) -> str:
+    """unix:///PATH, unix://NS@/PATH, unix:@NAME, unix:NS@@NAME: what Url.parse reads back."""
+    prefix = place.prefix or "" if place else ""
+    return f"unix:{prefix}{path}" if path.startswith("@") else f"unix://{prefix}{path}"
+
+
+def parse_mode(text: str) -> int:
+    """A unix head socket's permissions: octal, 0660 or 660 (at most 0777)."""
+    if not _MODE.fullmatch(text):
+        raise SpecError(f"bad mode {text!r}: octal permissions such as 0660 or 0600")
+    return int(text, 8)
 
 
 @dataclass(frozen=True)
@@ -208,14 +270,19 @@ class EndSpec:
     host: str | None = None
     port: int | None = None
     place: Place | None = None
+    path: str | None = None  # a unix socket
 
     def with_url(self, url: Url) -> EndSpec:
+        if url.proto == "unix":  # a socket file or name: no host, no port
+            return dataclasses.replace(self, proto="unix", host=None, port=None, path=url.path,
+                                       place=url.place or self.place)
         return dataclasses.replace(
             self,
             proto=url.proto or self.proto,
             host=url.host if url.host is not None else self.host,
             port=url.port if url.port is not None else self.port,
             place=url.place or self.place,
+            path=None if url.proto else self.path,
         )
 
     @property
@@ -261,6 +328,9 @@ class SegmentSpec:
     child: Link | None = None
     max_conns: int | None = None  # None: the daemon's default
     idle_timeout: float | None = None  # seconds; None: the daemon's default
+    mode: int | None = None  # a unix head socket's permissions; None: DEFAULT_MODE
+    tails: tuple[EndSpec, ...] = ()  # more tails (`add-tail`): connections are spread over all
+    balance: str | None = None  # how: round-robin (the default) or least-conns
 
 
 # --- parsing -----------------------------------------------------------------
@@ -292,8 +362,19 @@ def check_limits(words: tuple[str, ...]) -> None:
 
 def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
     fields: dict = {"id": None, "head": EndSpec(), "tail": EndSpec(), "trigger": False,
-                    "max_conns": None, "idle_timeout": None}
-    side = "head"
+                    "max_conns": None, "idle_timeout": None, "mode": None, "balance": None}
+    extra: list[EndSpec] = []  # add-tail's
+    side: str | int = "head"  # or "tail", or an index into extra
+
+    def end() -> EndSpec:
+        return extra[side] if isinstance(side, int) else fields[side]
+
+    def set_end(value: EndSpec) -> None:
+        if isinstance(side, int):
+            extra[side] = value
+        else:
+            fields[side] = value
+
     while i < len(words):
         word = words[i]
         if word not in ARITY:
@@ -303,13 +384,13 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
         arg = words[i + 1] if ARITY[word] else None
         i += 1 + ARITY[word]
         if word == "url":
-            fields[side] = fields[side].with_url(Url.parse(arg))
+            set_end(end().with_url(Url.parse(arg)))
         elif word == "id":
             if fields["id"] is not None:
                 raise SpecError("'id' given twice for one wormhole")
             fields["id"] = check_name(arg, "id")
         elif word == "docker-ns":
-            fields[side] = dataclasses.replace(fields[side], place=Place("docker-ns", check_name(arg, "container")))
+            set_end(dataclasses.replace(end(), place=Place("docker-ns", check_name(arg, "container"))))
         elif word == "docker-run":
             if not arg.strip():
                 raise SpecError("'docker-run' needs the arguments of 'docker run' as one quoted word")
@@ -317,12 +398,29 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
                 parse_run_args(arg)
             except RunArgsError as e:
                 raise SpecError(str(e)) from None
-            fields[side] = dataclasses.replace(fields[side], place=Place("docker-run", arg.strip()))
+            set_end(dataclasses.replace(end(), place=Place("docker-run", arg.strip())))
         elif word in ("max-conns", "idle-timeout"):
             key = word.replace("-", "_")
             if fields[key] is not None:
                 raise SpecError(f"'{word}' given twice for one wormhole")
             fields[key] = parse_count(arg, word) if word == "max-conns" else parse_duration(arg, word)
+        elif word == "mode":
+            if side != "head":
+                raise SpecError("'mode' sets the head socket's permissions: give it before 'tail'")
+            if fields["mode"] is not None:
+                raise SpecError("'mode' given twice for one wormhole")
+            fields["mode"] = parse_mode(arg)
+        elif word == "balance":
+            if arg not in BALANCE:
+                raise SpecError(f"bad balance {arg!r}: {' or '.join(BALANCE)}")
+            if fields["balance"] is not None:
+                raise SpecError("'balance' given twice for one wormhole")
+            fields["balance"] = arg
+        elif word == "add-tail":
+            if len(extra) + 1 >= MAX_TAILS:
+                raise SpecError(f"too many tails (the limit is {MAX_TAILS})")
+            extra.append(EndSpec())
+            side = len(extra) - 1
         elif word == "tail":
             side = "tail"
         elif word == "trigger":
@@ -330,8 +428,15 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
                 raise SpecError("'trigger' given twice for one wormhole")
             fields["trigger"], side = True, "tail"
         else:
-            return SegmentSpec(child=_parse_link(word, arg, fields, words, i), **fields)
-    return SegmentSpec(**fields)
+            if isinstance(side, int) and LINK_WORDS[word][0] == "remote" and not extra[side].given:
+                # `add-tail remote HOST ...`: the remote child is one of the tails. It is the
+                # segment's main tail (its link's), the others follow it.
+                extra.pop(side)
+                if fields["tail"].given:
+                    extra.insert(0, fields["tail"])
+                fields["tail"] = EndSpec()
+            return SegmentSpec(child=_parse_link(word, arg, fields, words, i), tails=tuple(extra), **fields)
+    return SegmentSpec(tails=tuple(extra), **fields)
 
 
 def _parse_link(word: str, host: str | None, fields: dict, words: tuple[str, ...], i: int) -> Link:
@@ -354,10 +459,19 @@ class Endpoint:
     place: Place
     host: str | None  # None: the address facing the caller (remote heads) / the remote child's head
     port: int | None  # None: ephemeral (heads) / the remote child's head (tails)
+    path: str | None = None  # unix: a socket file, or @NAME in the abstract namespace
+
+    @property
+    def unix(self) -> bool:
+        return self.proto == "unix"
 
     def __str__(self) -> str:
         """As create's words would say it: a URL, after `docker-run "ARGS"` for a container
         still to be started; `*` for what is known only once built."""
+        if self.unix:
+            if self.place.prefix is None:
+                return f"{self.place} url {unix_url(None, self.path)}"
+            return unix_url(self.place, self.path)
         url = f"{self.proto}://{hostport(self.host or '*', self.port if self.port is not None else '*')}"
         if self.place.prefix is None:
             return f"{self.place} url {url}"
@@ -373,6 +487,8 @@ class Context:
     head_place: Place = HOST
     head_host: str | None = "127.0.0.1"  # None: the address facing the caller
     head_port: int | None = None  # None: ephemeral
+    head_path: str | None = None  # a unix head (a chain's child listening where a unix tail pointed)
+    dialled: bool = False  # another daemon dials the head (a remote child): not a unix socket
 
 
 @dataclass(frozen=True)
@@ -388,6 +504,13 @@ class Plan:
     link: Link | None  # how the child hangs off this wormhole
     max_conns: int | None = None  # TCP connections (UDP flows) at once; None: the daemon's default
     idle_timeout: float | None = None  # seconds without bytes before a connection is closed
+    mode: int = DEFAULT_MODE  # a unix head socket file's permissions
+    tails: tuple[Endpoint, ...] = ()  # add-tail's: the tail and these share the connections
+    balance: str = "round-robin"
+
+    @property
+    def all_tails(self) -> tuple[Endpoint, ...]:
+        return (self.tail,) + self.tails
 
     @property
     def linked(self) -> bool:
@@ -417,41 +540,79 @@ class Plan:
 
 def plan(spec: SegmentSpec, ctx: Context = Context()) -> Plan:
     """Resolve the defaults and check the rules; raises SpecError."""
-    head = Endpoint(
-        proto=spec.head.proto or ctx.head_proto,
-        place=spec.head.place or ctx.head_place,
-        host=spec.head.host if spec.head.host is not None else ctx.head_host,
-        port=spec.head.port if spec.head.port is not None else ctx.head_port,
-    )
-    service_port = head.port if head.port is not None else ctx.service_port
-    tail = Endpoint(
-        proto=spec.tail.proto or head.proto,
-        place=spec.tail.place or HOST,
-        host=spec.tail.host if spec.tail.host is not None else "127.0.0.1",
-        port=spec.tail.port if spec.tail.port is not None else service_port,
-    )
     name = f"wormhole {spec.id!r}" if spec.id else "the wormhole"
+    head = _end(spec.head, _proto(spec.head, ctx.head_proto), spec.head.place or ctx.head_place,
+                ctx.head_host, ctx.head_port, ctx.head_path, f"the head of {name}")
+    if head.unix and ctx.dialled:
+        raise SpecError(f"the head of {name} is dialled by another daemon: it cannot be a unix socket")
+    service_port = head.port if head.port is not None else ctx.service_port
+    tail_proto = "tcp" if head.unix else head.proto  # a unix head's tails are tcp unless they say unix
+
+    def tail_of(end: EndSpec) -> Endpoint:
+        return _end(end, _proto(end, tail_proto), end.place or HOST, "127.0.0.1", service_port, None,
+                    f"a tail of {name}")
+
+    tail = tail_of(spec.tail)
     link, child = spec.child, None
     if link is not None and link.remote:
-        tail = dataclasses.replace(tail, host=None, port=None)
+        tail = dataclasses.replace(tail, proto=tail_proto, host=None, port=None, path=None)
     elif link is not None:
-        child = plan(link.spec, Context(service_port, tail.proto, tail.place, tail.host, tail.port))
+        child = plan(link.spec, Context(service_port, tail.proto, tail.place,
+                                        "127.0.0.1" if tail.unix else tail.host, tail.port, tail.path))
         if link.linked:
             tail = child.head
-    if tail.port is None and not (link and link.linked):
-        raise SpecError(f"{name} has a tail with no port: give a head port ('url :PORT') "
-                        f"or a tail port ('tail url :PORT')")
-    if tail.proto != head.proto:
-        where = f"the child on {link.host}" if link and link.remote else "its tail"
-        raise SpecError(f"{name} speaks {head.proto} but {where} speaks {tail.proto}")
-    if link is not None and link.remote and link.spec.head.proto not in (None, head.proto):
+    if tail.port is None and not tail.unix and not (link and link.linked):
+        raise SpecError(f"{name} has a tail with no port: give " + ("" if head.unix else "a head port ('url :PORT') or ")
+                        + "a tail port ('tail url :PORT')")
+    tails = tuple(tail_of(end) for end in spec.tails)
+    for extra in tails:
+        if extra.port is None and not extra.unix:
+            raise SpecError(f"{name} has a tail with no port: give a head port ('url :PORT') "
+                            f"or the tail's ('add-tail url :PORT')")
+    for t in (tail,) + tails:
+        if not _joins(head.proto, t.proto):
+            where = f"the child on {link.host}" if link and link.remote and t is tail else "its tail"
+            raise SpecError(f"{name} speaks {head.proto} but {where} speaks {t.proto}")
+    if link is not None and link.remote and link.spec.head.proto not in (None, tail_proto):
         raise SpecError(f"{name} speaks {head.proto} but the child on {link.host} speaks {link.spec.head.proto}")
-    if _same_address(head, tail):
-        raise SpecError(f"{name} proxies to itself ({head})")
-    return Plan(spec.id, head, tail, spec.trigger, service_port, child, link, spec.max_conns, spec.idle_timeout)
+    for t in (tail,) + tails:
+        if _same_address(head, t):
+            raise SpecError(f"{name} proxies to itself ({head})")
+    if spec.mode is not None and (not head.unix or head.path.startswith("@")):
+        raise SpecError(f"'mode' sets a unix head socket file's permissions; the head of {name} is {head}")
+    return Plan(spec.id, head, tail, spec.trigger, service_port, child, link, spec.max_conns, spec.idle_timeout,
+                DEFAULT_MODE if spec.mode is None else spec.mode, tails, spec.balance or "round-robin")
+
+
+def _proto(end: EndSpec, inherited: str) -> str:
+    """An end's protocol: its own, else what it inherits; but an end that gives a host or a
+    port where it would inherit unix (a chain after a unix tail) is tcp."""
+    if end.proto:
+        return end.proto
+    if inherited == "unix" and (end.host is not None or end.port is not None):
+        return "tcp"
+    return inherited
+
+
+def _end(end: EndSpec, proto: str, place: Place, host: str | None, port: int | None, path: str | None,
+         what: str) -> Endpoint:
+    """An Endpoint from what the words said and the defaults."""
+    if proto == "unix":
+        if end.host is not None or end.port is not None:
+            raise SpecError(f"{what} is a unix socket: it takes a path (unix:///PATH), not a host or port")
+        return Endpoint("unix", place, None, None, end.path or path)
+    return Endpoint(proto, place, end.host if end.host is not None else host,
+                    end.port if end.port is not None else port)
+
+
+def _joins(head: str, tail: str) -> bool:
+    """A head speaking `head` can relay to a tail speaking `tail`: the same, or two streams."""
+    return head == tail or (head in STREAM and tail in STREAM)
 
 
 def _same_address(head: Endpoint, tail: Endpoint) -> bool:
+    if head.unix or tail.unix:
+        return head.path == tail.path and head.place == tail.place and head.place.kind != "docker-run"
     if head.port is None or tail.port is None or head.port != tail.port:
         return False
     if head.proto != tail.proto or head.place != tail.place or head.place.kind == "docker-run":

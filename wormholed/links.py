@@ -38,16 +38,30 @@ class Target:
     """Where a tail dials."""
 
     ns: Netns | None
-    host: str
-    port: int
+    host: str | None
+    port: int | None
+    path: str | None = None  # a unix socket (host and port None)
 
     def url(self, proto: str) -> str:
+        if self.path is not None:
+            return format_unix(self.ns, self.path)
         return format_url(proto, self.ns, self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """How the log names it."""
+        return self.url("unix" if self.path is not None else "tcp")
 
 
 def format_url(proto: str, ns: Netns | None, host: str, port: int) -> str:
     """A URL that `url` reads back: tcp://[NS@|docker:NAME@]host:port."""
     return f"{proto}://{ns.prefix if ns is not None else ''}{hostport(host, port)}"
+
+
+def format_unix(ns: Netns | None, path: str) -> str:
+    """unix://[NS@]/PATH or unix:[NS@]@NAME, as `url` reads it back."""
+    prefix = ns.prefix if ns is not None else ""
+    return f"unix:{prefix}{path}" if path.startswith("@") else f"unix://{prefix}{path}"
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class Opener(Protocol):
 class NoChild:
     async def open(self, seg, tail_ns, stack) -> Reached:
         tail = seg.plan.tail
-        return Reached(Target(tail_ns, tail.host, tail.port))
+        return Reached(Target(tail_ns, tail.host, tail.port, tail.path))
 
 
 class LocalChild:
@@ -72,9 +86,12 @@ class LocalChild:
         child = await seg.start_child(tail_ns)
         stack.push_async_callback(child.aclose)
         if seg.plan.linked:  # chain: the tail is the child's head
-            return Reached(Target(child.head_ns, child.plan.head.host, child.head_port), child)
+            head = child.plan.head
+            if head.unix:
+                return Reached(Target(child.head_ns, None, None, head.path), child)
+            return Reached(Target(child.head_ns, head.host, child.head_port), child)
         tail = seg.plan.tail
-        return Reached(Target(tail_ns, tail.host, tail.port), child)
+        return Reached(Target(tail_ns, tail.host, tail.port, tail.path), child)
 
 
 class RemoteChild:

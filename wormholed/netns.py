@@ -43,7 +43,7 @@ class Netns:
     use it as a context manager.
     """
 
-    __slots__ = ("_fd", "label", "prefix", "_key", "_spares", "pidfd")
+    __slots__ = ("_fd", "label", "prefix", "_key", "_spares", "pidfd", "root")
 
     def __init__(self, fd: int, label: str, prefix: str = "") -> None:
         """Take ownership of ``fd``, an open network-namespace file. ``label`` names it in
@@ -55,6 +55,7 @@ class Netns:
         self._key = (st.st_dev, st.st_ino)
         self._spares: dict[tuple[int, int], list[socket.socket]] = {}  # see make_socket
         self.pidfd = -1  # of_pid: the process it was found through; readable once it has exited
+        self.root = ""  # of_pid: /proc/PID/root, where that process's files are (a container's)
 
     @classmethod
     def named(cls, name: str) -> Netns:
@@ -95,6 +96,7 @@ class Netns:
             os.close(pidfd)
             raise
         ns.pidfd = pidfd
+        ns.root = f"/proc/{pid}/root"
         if ns.process_exited():  # it exited before its namespace was opened: maybe not its namespace
             ns.close()
             raise NetnsError(f"no process with id {pid}")

@@ -61,6 +61,8 @@ class Stats:
 
 
 Connect = Callable[[], Awaitable[socket.socket]]
+Closed = Callable[[socket.socket], None]  # told of a tail socket connect() gave, before it is closed
+_INET = (socket.AF_INET, socket.AF_INET6)  # TCP_NODELAY: not for a unix socket
 FinishConnect = Callable[[socket.socket, float], Awaitable[None]]
 
 PIPE_SIZE = 1 << 20  # asked for with F_SETPIPE_SZ; the kernel may give less
@@ -265,6 +267,8 @@ class _Relay:
                 os.close(half.rp)
                 os.close(half.wp)
             half.relay = half.peer = None  # no cycles: the relay is freed at once
+        if proxy._closed_cb is not None:
+            proxy._closed_cb(self.tail)
         if reset:
             _abort(self.client)
             _abort(self.tail)
@@ -278,9 +282,13 @@ class TcpProxy:
     """Accepts on a listening socket and relays each connection to ``connect()``."""
 
     def __init__(self, sock: socket.socket, connect: Connect, *, stats: Stats | None = None,
-                 log: logging.Logger = _log, max_conns: int = 0, idle_timeout: float = 0.0) -> None:
+                 log: logging.Logger = _log, max_conns: int = 0, idle_timeout: float = 0.0,
+                 closed: Closed | None = None) -> None:
+        """``closed``: told of each tail socket ``connect()`` gave, before it is closed (a
+        load balancer counting the connections each tail has open)."""
         self._sock = sock
         self._connect = connect
+        self._closed_cb = closed
         self.stats = stats if stats is not None else Stats()
         self.log = log
         self._drops = DropLog(log, "TCP relay")
@@ -375,7 +383,8 @@ class TcpProxy:
             tail = await self._connect()
             if self._closed:  # connect() finished despite the cancellation
                 raise asyncio.CancelledError
-            tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tail.family in _INET:
+                tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tail.fileno() >= self._fd_ceiling:
                 raise reserve_error()
             pipes = self._take_pipes()
@@ -384,6 +393,8 @@ class TcpProxy:
             _abort(conn)
             if tail is not None:
                 self._registered.discard(tail.fileno())
+                if self._closed_cb is not None:
+                    self._closed_cb(tail)
                 _abort(tail)
             if is_out_of_fds(exc):  # turned away, as at accept
                 self.stats.total -= 1
@@ -524,7 +535,8 @@ def check_limits(max_conns: int, idle_timeout: float) -> None:
 def prepare_listener(sock: socket.socket) -> None:
     """Non-blocking, and TCP_NODELAY, which accepted sockets inherit: one call, not one per client."""
     sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family in _INET:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def resolve(host: str, port: int, type: int) -> tuple[int, tuple]:
@@ -579,11 +591,12 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
 
 
 async def dial(ns: Netns | None, host: str, port: int, *, timeout: float = 5.0,
-               wait: FinishConnect | None = None) -> socket.socket:
+               wait: FinishConnect | None = None, retry: bool = True) -> socket.socket:
     """A connected non-blocking TCP socket to host:port, made in ``ns``.
 
     A refused connection (the service still starting) is retried every 50 ms
-    until ``timeout`` seconds have passed. ``wait``: how to wait for the
+    until ``timeout`` seconds have passed (unless not ``retry``: a load
+    balancer tries another tail at once). ``wait``: how to wait for the
     connection, e.g. the TcpProxy's ``finish_connect`` (faster than the
     event loop's default way).
     """
@@ -597,7 +610,7 @@ async def dial(ns: Netns | None, host: str, port: int, *, timeout: float = 5.0,
             return sock
         except ConnectionRefusedError:
             sock.close()
-            if loop.time() + 0.05 >= deadline:
+            if not retry or loop.time() + 0.05 >= deadline:
                 raise ConnectionRefusedError(
                     errno.ECONNREFUSED, f"connection to {hostport(host, port)} refused") from None
         except TimeoutError:

@@ -69,6 +69,8 @@ class _Flow:
         finally:
             self.task = None
         if self.proxy is None:  # closed meanwhile
+            if proxy._closed_cb is not None:
+                proxy._closed_cb(sock)
             sock.close()
             return
         self.sock = sock
@@ -132,6 +134,8 @@ class _Flow:
             self.task.cancel()
         if self.sock is not None:
             proxy._loop.remove_reader(self.sock.fileno())
+            if proxy._closed_cb is not None:
+                proxy._closed_cb(self.sock)
             self.sock.close()
         del proxy._flows[self.addr]
         proxy.stats.connections -= 1
@@ -142,9 +146,11 @@ class UdpProxy:
 
     def __init__(self, sock: socket.socket, open_flow: OpenFlow, *, idle_timeout: float = UDP_IDLE_TIMEOUT,
                  max_flows: int = UDP_MAX_FLOWS, stats: Stats | None = None, log: logging.Logger = _log,
-                 name: str = "UDP relay") -> None:
+                 name: str = "UDP relay", closed: Callable[[socket.socket], None] | None = None) -> None:
+        """``closed``: told of each flow socket ``open_flow()`` gave, before it is closed."""
         self._sock = sock
         self._open_flow = open_flow
+        self._closed_cb = closed
         self.idle_timeout = idle_timeout
         self.max_flows = max_flows
         self._drops = DropLog(log, f"{name}: UDP datagrams")
