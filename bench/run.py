@@ -50,7 +50,9 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
@@ -955,8 +957,9 @@ class Wormhole:
     """A wormholed for a wormhole row, driven through the wormhole CLI; ``engine`` is its
     WORMHOLE_ENGINE (native or python)."""
 
-    def __init__(self, tmp: Path, engine: str = "native"):
+    def __init__(self, tmp: Path, engine: str = "native", args: tuple[str, ...] = ()):
         self.engine = engine
+        self.args = args  # more wormholed flags (--metrics)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"wormhole-{engine}-", dir=tmp))
         self.key = self.tmp / "key.secret"
         self.sock = self.tmp / "ctl.sock"
@@ -975,7 +978,7 @@ class Wormhole:
             f.write("".join(secrets.choice(alphabet) for _ in range(32)))
         os.chmod(self.key, 0o600)
         argv = [WORMHOLE_BIN / "wormholed", "-H", f"unix://{self.sock}", "-H", f"tcp://127.0.0.1:{self.ctl_port}",
-                "-K", self.key, "--state-dir", self.tmp / "state"]
+                "-K", self.key, "--state-dir", self.tmp / "state", *self.args]
         self.proc = Proc("wormholed", argv, self.tmp, env={"WORMHOLE_ENGINE": self.engine}).__enter__()
         try:
             deadline = time.monotonic() + 10
@@ -1412,6 +1415,208 @@ def run(names: list[str], opts: Options,
     return rows, tunnel_rows, veth_mtu
 
 
+# -- the cost of --metrics -------------------------------------------------------
+
+METRICS_SCRAPE = 1.0  # seconds between GETs of /metrics during the runs, as a Prometheus would
+METRICS_GOAL = 0.98  # with --metrics, a wormhole row keeps at least this share of its rates
+
+
+@dataclasses.dataclass
+class MetricsCost:
+    """One wormhole row's daemon with --metrics (scraped) against the same without: every run's
+    rate, keyed by whether --metrics was on."""
+
+    name: str
+    bps: dict[bool, list[float]] = dataclasses.field(default_factory=lambda: {False: [], True: []})
+    conn_per_s: dict[bool, list[float]] = dataclasses.field(default_factory=lambda: {False: [], True: []})
+    scrapes: int = 0
+    scrape_errors: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def ratio(self, key: str) -> float | None:
+        runs = getattr(self, key)
+        return ratio(median(runs[True]), median(runs[False]))
+
+
+@contextlib.contextmanager
+def scraper(url: str, every: float = METRICS_SCRAPE) -> Iterator[dict[str, int]]:
+    """GET url every `every` seconds on a thread for the block's duration; yields the counts
+    of scrapes that worked and failed."""
+    counts = {"ok": 0, "failed": 0}
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(every):
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    r.read()
+                counts["ok"] += 1
+            except OSError:
+                counts["failed"] += 1
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def measure_metrics_cost(names: list[str], opts: Options, log: Callable[[str], None]) -> list[MetricsCost]:
+    """For each selected wormhole row: two daemons of its engine, one with --metrics scraped
+    every second, one without, measured in alternation (throughput, then conn/s), so that
+    drift on the machine falls on both alike."""
+    costs = [MetricsCost(n) for n in names if n in ENGINES]
+    if not costs:
+        return []
+    tmp = Path(tempfile.mkdtemp(prefix="wormhole-bench-metrics-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            iperf = stack.enter_context(iperf3_server(tmp))
+            nginx = stack.enter_context(nginx_server(tmp))
+            for cost in costs:
+                try:
+                    _metrics_cost_row(cost, tmp, iperf, nginx, opts, log)
+                except BenchError as exc:
+                    log(f"{cost.name} --metrics: {exc}")
+                    cost.notes.append(str(exc))
+    except BenchError as exc:  # a target did not start
+        for cost in costs:
+            cost.notes.append(str(exc))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return costs
+
+
+def _metrics_cost_row(cost: MetricsCost, tmp: Path, iperf: int, nginx: int, opts: Options,
+                      log: Callable[[str], None]) -> None:
+    engine, port = ENGINES[cost.name], free_port()
+    with Wormhole(tmp, engine) as plain, Wormhole(tmp, engine, ("--metrics", f"127.0.0.1:{port}")) as metered, \
+            scraper(f"http://127.0.0.1:{port}/metrics") as scrapes:
+        daemons = {False: plain, True: metered}
+        for target, what in ((iperf, "throughput"), (nginx, "conn/s")):
+            with contextlib.ExitStack() as proxies:
+                ports = {on: proxies.enter_context(d.proxy(tmp, target))[0] for on, d in daemons.items()}
+                time.sleep(SETTLE)  # the readiness probes' connections reach iperf3 -s and close
+                log(f"{cost.name}: {what}, with and without --metrics, alternating x{opts.repeat}")
+                for i in range(opts.repeat):
+                    for on in ((False, True) if i % 2 == 0 else (True, False)):
+                        try:
+                            if target == iperf:
+                                try:
+                                    cost.bps[on].append(measure_throughput(ports[on], opts.duration))
+                                except Retried as exc:
+                                    cost.bps[on].append(exc.value)
+                            else:
+                                cost.conn_per_s[on].append(measure_conn_rate(ports[on], opts.duration).requests_per_sec)
+                        except BenchError as exc:
+                            cost.notes.append(f"{what}{' --metrics' if on else ''}: {exc}")
+        cost.scrapes, cost.scrape_errors = scrapes["ok"], scrapes["failed"]
+    if not cost.scrapes or cost.scrape_errors:
+        cost.notes.append(f"{cost.scrape_errors} of {cost.scrapes + cost.scrape_errors} scrapes of /metrics failed")
+
+
+def metrics_cost_table(costs: list[MetricsCost]) -> str:
+    """The rates with --metrics against without, and the goal (>= METRICS_GOAL of them)."""
+    lines = [f"the cost of --metrics: each wormhole row's daemon with --metrics, /metrics fetched every "
+             f"{METRICS_SCRAPE:g} s,\nagainst one without, measured in alternation; medians; goal: "
+             f"ratio >= {METRICS_GOAL}\n"]
+    heads = ("throughput Gbit/s", "--metrics", "ratio", "conn/s", "--metrics", "ratio")
+    widths = (18, 10, 11, 9, 10, 11)
+    width = max(len("proxy"), *(len(c.name) for c in costs))
+    head = " ".join(f"{h:>{w}}" for h, w in zip(heads, widths))
+    lines += [f"{'proxy':<{width}}  {head}", "-" * (width + 2 + len(head))]
+    notes = []
+    for c in costs:
+        cells = []
+        for key, scale, fmt in (("bps", 1e9, "{:.2f}"), ("conn_per_s", 1, "{:.0f}")):
+            without, with_ = (median(getattr(c, key)[on]) for on in (False, True))
+            r = c.ratio(key)
+            cells += [_fmt(None if without is None else without / scale, fmt),
+                      _fmt(None if with_ is None else with_ / scale, fmt),
+                      "n/a" if r is None else f"{r:.2f}" + (" ok" if round(r, 2) >= METRICS_GOAL else " MISS")]
+        line = f"{c.name:<{width}}  " + " ".join(f"{t:>{w}}" for t, w in zip(cells, widths))
+        for note in c.notes:
+            notes.append(f"{c.name}: {note}")
+            line += f" [{len(notes)}]"
+        lines.append(line)
+    lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def metrics_cost_to_json(costs: list[MetricsCost]) -> list[dict]:
+    return [{"name": c.name, "scrapes": c.scrapes, "scrape_errors": c.scrape_errors, "notes": c.notes,
+             **{f"{key}_{'with' if on else 'without'}_metrics": getattr(c, key)[on]
+                for key in ("bps", "conn_per_s") for on in (False, True)},
+             "throughput_ratio": c.ratio("bps"), "conn_ratio": c.ratio("conn_per_s")} for c in costs]
+
+
+# -- the CLI's wall time ------------------------------------------------------------
+
+CLI_COMMANDS = ("ping", "list")
+CLI_RUNS = 30  # runs of each command
+CLI_GOAL_MS = 50  # p50 wall time of a CLI command
+
+
+@dataclasses.dataclass
+class CliTimes:
+    """Wall times (ms) of each CLI command, from exec to exit; or why there are none."""
+
+    ms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+
+def measure_cli(names: list[str], log: Callable[[str], None]) -> CliTimes | None:
+    """`wormhole ping` and `wormhole list` as a shell runs them (a fresh process each, over TCP
+    as by default) against a wormholed holding one wormhole, CLI_RUNS times each, alternating.
+    None unless a wormhole row is selected."""
+    if not any(n in ENGINES for n in names):
+        return None
+    times = CliTimes({c: [] for c in CLI_COMMANDS})
+    tmp = Path(tempfile.mkdtemp(prefix="wormhole-bench-cli-"))
+    try:
+        with Wormhole(tmp) as daemon:
+            res = daemon.cli("create", "url", f"127.0.0.1:{free_port()}", "tail", "url", f"127.0.0.1:{free_port()}")
+            if res.returncode != 0:
+                raise BenchError(f"wormhole create failed: {(res.stderr or res.stdout).strip()[-200:]}")
+            log(f"CLI: wall time of {' and '.join(CLI_COMMANDS)} x{CLI_RUNS}")
+            for _ in range(CLI_RUNS):
+                for command in CLI_COMMANDS:
+                    start = time.perf_counter()
+                    res = daemon.cli(command, tcp=True)
+                    elapsed = (time.perf_counter() - start) * 1000
+                    if res.returncode != 0:
+                        raise BenchError(f"wormhole {command} failed: {(res.stderr or res.stdout).strip()[-200:]}")
+                    times.ms[command].append(elapsed)
+    except BenchError as exc:
+        log(f"CLI: {exc}")
+        times.error = str(exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return times
+
+
+def cli_table(times: CliTimes) -> str:
+    """p50 and p95 of each command's wall time, and the goal (p50 <= CLI_GOAL_MS)."""
+    lines = [f"the CLI: wall time of `wormhole COMMAND` from exec to exit, a fresh process each, over TCP to "
+             f"a wormholed\nwith one wormhole, {CLI_RUNS} runs each; goal: p50 <= {CLI_GOAL_MS} ms\n",
+             f"{'command':<8}  {'p50 ms':>7} {'p95 ms':>7} {'goal':>5}", "-" * 31]
+    for command, ms in times.ms.items():
+        p50, p95 = (percentile(ms, p) if ms else None for p in (50, 95))
+        goal = "n/a" if p50 is None else "ok" if round(p50, 1) <= CLI_GOAL_MS else "MISS"
+        lines.append(f"{command:<8}  {_fmt(p50, '{:.1f}'):>7} {_fmt(p95, '{:.1f}'):>7} {goal:>5}")
+    if times.error:
+        lines[-1] += " [1]"
+        lines.append(f"[1] {times.error}")
+    return "\n".join(lines)
+
+
+def cli_to_json(times: CliTimes) -> dict:
+    return {"runs_ms": times.ms, "error": times.error,
+            **{f"{c}_p{p}_ms": percentile(ms, p) if ms else None for c, ms in times.ms.items() for p in (50, 95)}}
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt  # unwinds through every finally/with like Ctrl-C
 
@@ -1455,6 +1660,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(f"# [{time.monotonic() - t0:4.0f} s] {msg}", file=sys.stderr, flush=True))
     try:
         rows, tunnel_rows, veth_mtu = run(names, opts, log)
+        costs = measure_metrics_cost(names, opts, log)
     except KeyboardInterrupt:
         print("bench: interrupted; every process stopped", file=sys.stderr)
         return 130
@@ -1464,6 +1670,8 @@ def main(argv: list[str] | None = None) -> int:
             "kernel": platform.release(), "duration_s": args.duration, "repeat": args.repeat,
             "idle_connections": args.idle_conns, "rlimit_nofile": nofile, "seconds": round(took)}
     if args.json:
+        if costs:
+            meta["metrics_cost"] = metrics_cost_to_json(costs)
         print(rows_to_json(rows, meta, tunnel.tunnel_to_json(tunnel_rows) if tunnel_rows else None))
     else:
         header = (f"wormhole bench  {started:%Y-%m-%d %H:%M:%S %Z}  nproc {nproc}  "
@@ -1472,6 +1680,8 @@ def main(argv: list[str] | None = None) -> int:
         tables = []
         if rows:
             tables.append(format_table(rows))
+        if costs:
+            tables.append(metrics_cost_table(costs))
         if tunnel_rows:
             tables.append(tunnel.format_tunnel_table(
                 tunnel_rows, tunnel.tunnel_header(args.duration, veth_mtu)))

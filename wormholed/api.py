@@ -9,6 +9,7 @@ wormholes down."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -168,6 +169,9 @@ class ControlServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task] = set()
+        # (method, outcome) -> requests answered; outcome: ok, invalid (a JSON-RPC error), refused, failed.
+        # Method names not served count as "(unknown)", lines that are no request as "(none)".
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def serve(self, sock: socket.socket) -> None:
         kw = dict(sock=sock, ssl=self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
@@ -215,16 +219,23 @@ class ControlServer:
         try:
             req = protocol.parse_request(line)
         except RpcError as e:
+            self.requests["(none)", "invalid"] += 1
             return protocol.error((e.data or {}).get("id"), e)
         method = self._methods.get(req.method)
         if method is None:
+            self.requests["(unknown)", "invalid"] += 1
             return protocol.error(req.id, RpcError(protocol.METHOD_NOT_FOUND, f"unknown method {req.method!r}"))
         try:
-            return protocol.result(req.id, await method(req.params, conn))
+            reply = protocol.result(req.id, await method(req.params, conn))
         except RpcError as e:
+            self.requests[req.method, "invalid"] += 1
             return protocol.error(req.id, e)
         except DaemonError as e:
+            self.requests[req.method, "refused" if isinstance(e, Refused) else "failed"] += 1
             return protocol.error(req.id, to_rpc(e))
         except Exception as e:  # a bug or an unexpected system failure: the daemon stays up
+            self.requests[req.method, "failed"] += 1
             log.exception("method %s failed", req.method)
             return protocol.error(req.id, to_rpc(Failed(f"{req.method} failed: {e}")))
+        self.requests[req.method, "ok"] += 1
+        return reply

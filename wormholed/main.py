@@ -32,6 +32,7 @@ from . import systemd
 from .api import ControlServer, methods
 from .docker import Docker
 from .limits import Defaults
+from .metrics import Exporter, format_addr, parse_addr
 from .peers import Peers
 from .places import Places
 from .proxy import native
@@ -57,6 +58,7 @@ class Config:
     wireguard_go: str | None = None
     inherited: list = field(default_factory=list)  # sockets from systemd
     limits: Defaults = Defaults()
+    metrics: tuple[str | None, int] | None = None  # --metrics: (host, None for every address; port)
 
 
 class StartError(Exception):
@@ -151,6 +153,7 @@ async def _run(config: Config, state: StateDir) -> None:
     socks = list(config.inherited)
     made = []
     monitor = None
+    exporter = None
     try:
         for addr in config.addrs:
             try:
@@ -161,6 +164,14 @@ async def _run(config: Config, state: StateDir) -> None:
                 made.append(addr.path)
         for sock in socks:
             await control.serve(sock)
+        if config.metrics is not None:
+            exporter = Exporter(wormholes, tunnels, control)
+            try:
+                exporter.start(*config.metrics)
+            except OSError as e:
+                raise StartError(f"cannot serve metrics on {format_addr(*config.metrics)}: "
+                                 f"{e.strerror or e}") from None
+            log.info("metrics on http://%s/metrics", format_addr(*config.metrics))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,6 +188,8 @@ async def _run(config: Config, state: StateDir) -> None:
         log.info("stopping")
         systemd.notify("STOPPING=1")
     finally:
+        if exporter is not None:
+            await exporter.aclose()
         if monitor is not None:
             monitor.cancel()
         await control.aclose()
@@ -233,6 +246,13 @@ def _duration(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _metrics(ctx, param, value):
+    try:
+        return None if value is None else parse_addr(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _addrs(ctx, param, values):
     try:
         return tuple(Address.parse(v) for v in values)
@@ -267,9 +287,12 @@ def _addrs(ctx, param, values):
 @click.option("--idle-timeout", callback=_duration, metavar="DURATION",
               help="Default for wormholes without 'idle-timeout': close a connection (UDP: flow) without "
                    "bytes either way for DURATION, e.g. 30s, 5m, 1h (default: none for TCP, 60s for UDP).")
+@click.option("--metrics", callback=_metrics, metavar="ADDR",
+              help="Serve Prometheus metrics at http://ADDR/metrics: HOST:PORT (e.g. 127.0.0.1:9998), "
+                   "or :PORT for every address (default: not served).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, max_conns,
-        idle_timeout, verbose):
+        idle_timeout, metrics, verbose):
     """The wormhole daemon: runs the proxies `wormhole create` asks for.
 
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
@@ -284,7 +307,7 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wir
     if not addrs and not inherited:
         addrs = (Address.parse(":9999"),)
     config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
-                    tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout))
+                    tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout), metrics)
     try:
         uvloop.run(run(config))
     except StartError as e:

@@ -29,6 +29,7 @@ from wormhole.spec import Place, Plan
 from .errors import Failed, Refused
 from .limits import Defaults
 from .links import Target, format_url, link_for
+from .metrics import Counters
 from .netns import Netns, make_socket
 from .peers import Peers
 from .places import Places
@@ -83,6 +84,7 @@ class Segment:
         self.remote: tuple[str, str] | None = None  # (host, id) of a child on another daemon
         self.warnings: list[str] = []  # what teardown could not undo (an unreachable peer)
         self.stats = Stats()
+        self.counters = Counters()  # trigger runs, failed tail dials (for metrics.py)
         self._proxy: TcpProxy | NativeTcpProxy | UdpProxy | None = None
         self._closed = False
 
@@ -192,12 +194,14 @@ class Segment:
         """Run the trigger once; connections that arrive meanwhile wait for the same run."""
         if self._arming is None:
             log.info("wormhole %s: first connection, running its trigger", self.id)
+            self.counters.trigger_started()
             self._arming = asyncio.ensure_future(self._arm())
             self._arming.add_done_callback(self._armed)
         await asyncio.shield(self._arming)
 
     def _armed(self, fut: asyncio.Future) -> None:
         self._arming = None  # a failed trigger is tried again by the next connection
+        self.counters.trigger_ended(not fut.cancelled() and fut.exception() is None)
         if not fut.cancelled() and fut.exception() is not None:
             log.error("wormhole %s: trigger failed: %s", self.id, fut.exception())
 
@@ -218,6 +222,7 @@ class Segment:
 
     def _tail_failed(self, t: Target | None) -> None:
         """A connection to tail t failed for good: a remote child that stopped answering is dropped."""
+        self.counters.dial_failures += 1
         if self.remote is not None and t is not None and self.target is t:
             host, ident = self.remote
             self._disarm(f"its child {ident} on {host} does not answer; it is rebuilt on the next connection")

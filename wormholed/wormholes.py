@@ -37,6 +37,7 @@ class Wormholes:
         self._env = env or Env(Places())
         self._roots: dict[str, Segment | None] = {}  # None: being built (id reserved)
         self._failed: dict[str, dict] = {}  # id -> {"words", "reason"}: records that could not be restored
+        self.restored = self.restore_failed = 0  # records rebuilt / not rebuilt at start (metrics)
 
     def _taken(self) -> set[str]:
         taken = set(self._failed)
@@ -133,6 +134,14 @@ class Wormholes:
                          "bytes_in": 0, "bytes_out": 0, "refused": 0, "max_conns": None, "idle_timeout": None})
         return rows
 
+    def segments(self) -> list[Segment]:
+        """Every live segment, roots and their children (what `list` describes)."""
+        return [s for root in self._roots.values() if root for s in root.chain()]
+
+    def failed_count(self) -> int:
+        """Records listed as failed (not restored, not deleted since)."""
+        return len(self._failed)
+
     async def restore(self) -> None:
         """Rebuild the wormholes recorded by an earlier run (listening again, triggers armed);
         those that cannot be built are kept as failed (listed, deletable, tried at the next start)."""
@@ -140,6 +149,7 @@ class Wormholes:
             ident, words = record["id"], record["words"]
             try:
                 await self.create(words, ident, save=False)
+                self.restored += 1
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # whatever it was, the daemon starts and the record stays
@@ -148,6 +158,7 @@ class Wormholes:
                           "next start, or delete it)", ident, reason)
                 self._roots.pop(ident, None)
                 self._failed[ident] = {"words": list(words), "reason": reason}
+                self.restore_failed += 1
 
     async def aclose(self) -> None:
         """Tear down every wormhole; their records stay for the next start."""
