@@ -264,3 +264,32 @@ def test_sigterm_during_a_create_leaves_no_container(make_host, make_ns, engine,
     assert ours(engine, host) == [], "the cancelled create removed its container"
     host.start()
     assert host.list() == [], "and recorded nothing"
+
+
+def test_unix_sockets_in_a_container_and_a_docker_ns_tail_among_several(host, containers):
+    """A unix socket path names a file in the container's own filesystem."""
+    mysql = containers("wormhole/mysql")
+    host.create("id", "in", "url", f"unix://docker:{mysql.name}@/db.sock", "tail", "docker-ns", mysql.name,
+                "url", ":3306")
+    mysql.reload()
+    inside = f"/proc/{mysql.attrs['State']['Pid']}/root/db.sock"
+    st = os.lstat(inside)
+    assert oct(st.st_mode & 0o777) == "0o660" and not os.path.exists("/db.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(inside)
+        s.sendall(b"through the file")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"through the file"
+    host.create("url", ":8300", "tail", "url", f"unix://docker:{mysql.name}@/db.sock")
+    assert roundtrip(host, 8300) == b"hello wormhole"
+    host.echo_server(7301)
+    host.create("id", "lb", "url", ":8301", "tail", "url", ":7301", "add-tail", "docker-ns", mysql.name,
+                "url", ":3306")
+    for _ in range(4):
+        assert roundtrip(host, 8301) == b"hello wormhole"
+    [lb] = [r for r in host.list() if r["id"] == "lb"]
+    assert [t["total"] for t in lb["tails"]] == [2, 2]
+    assert lb["tails"][1]["url"] == f"tcp://docker:{mysql.name}@127.0.0.1:3306"
+    host.ok("delete", "in")
+    assert not os.path.exists(inside), "the socket file goes with the wormhole"

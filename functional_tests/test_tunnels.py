@@ -276,7 +276,6 @@ def test_simultaneous_create_from_both_ends_builds_matching_halves(pair):
     assert_ping(h1, near["remote_ip"])
 
 
-@pytest.mark.lab
 def test_delete_removes_both_halves(pair):
     h1, h2 = pair
     _, dst = tunnel_create(h1, "192.0.2.2")
@@ -460,7 +459,6 @@ def test_tunnel_outlives_the_peer_daemon_crash(pair):
     assert roundtrip_eventually(h1, 3306) == b"hello wormhole"
 
 
-@pytest.mark.lab
 def test_start_removes_an_interface_without_a_record(pair):
     h1, h2 = pair
     tunnel_create(h1, "192.0.2.2")

@@ -113,7 +113,7 @@ def methods(wormholes: Wormholes, peers: Peers, tunnels: Tunnels) -> dict[str, M
             host = _ip(params, "host")
             if tunnels.local_ip(owner) != host:
                 raise Refused(f"{host} is not this host's end of a tunnel to the caller")
-        ctx = Context(service_port=port, head_proto=proto, head_host=host)
+        ctx = Context(service_port=port, head_proto=proto, head_host=host, dialled=True)
         label = f"{params.get('parent') or '?'}@{conn.peer}"
         return await wormholes.create(_words(params), ident, ctx=ctx, save=False, owner=owner,
                                       owner_label=label, tunnel=bool(params.get("tunnel")))

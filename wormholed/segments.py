@@ -28,14 +28,16 @@ from wormhole.spec import Place, Plan
 
 from .errors import Failed, Refused
 from .limits import Defaults
-from .links import Target, format_url, link_for
+from .links import Target, format_unix, format_url, link_for
 from .metrics import Counters
 from .netns import Netns, make_socket
 from .peers import Peers
 from .places import Places
 from .proxy.native import EngineHub, NativeTcpProxy
-from .proxy.tcp import Stats, TcpProxy, dial
-from .proxy.udp import UdpProxy, dial_udp
+from .proxy.tcp import Stats, TcpProxy
+from .proxy.udp import UdpProxy
+from .tails import Tails
+from .unixsock import UnixHeadError, listen_unix
 
 if TYPE_CHECKING:
     from .tunnels.table import Tunnels
@@ -80,6 +82,7 @@ class Segment:
         self.head_ns: Netns | None = None
         self.head_port = 0
         self.target: Target | None = None
+        self.tails: Tails | None = None  # the target and add-tail's, set with it
         self.child: Segment | None = None
         self.remote: tuple[str, str] | None = None  # (host, id) of a child on another daemon
         self.warnings: list[str] = []  # what teardown could not undo (an unreachable peer)
@@ -132,35 +135,55 @@ class Segment:
         try:
             head = self.plan.head
             ns = await self._open(head.place, self._stack)
+            self.head_ns = ns
             udp = head.proto == "udp"
-            try:
-                sock = await make_socket(ns, family_of(head.host), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-                                         bind=(head.host, head.port or 0), listen=None if udp else 1024)
-            except OSError as e:
-                raise Refused(f"cannot listen on {format_url(head.proto, ns, head.host, head.port or 0)}: "
-                              f"{e.strerror or e}") from None
-            self._stack.callback(sock.close)
-            host, port = sock.getsockname()[:2]
-            self.head_url = format_url(head.proto, ns, host, port)
-            self.head_ns, self.head_port = ns, port
+            sock = await (self._listen_unix(ns) if head.unix else self._listen(ns))
             if not self.plan.trigger:
                 await self._arm()
             conns, idle = self.limits
+            # The native engine relays one tcp tail; unix ends and several tails take the Python relay.
+            native = not head.unix and len(self.plan.all_tails) == 1 and not self.plan.tail.unix
             if udp:
                 self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log, max_flows=conns,
-                                       idle_timeout=idle, name=f"wormhole {self.id}")
-            elif self.env.engine is not None:
+                                       idle_timeout=idle, name=f"wormhole {self.id}", closed=self._closed_tail)
+            elif self.env.engine is not None and native:
                 self._proxy = NativeTcpProxy(sock, self._connect_tail, hub=self.env.engine, stats=self.stats,
                                               failed=lambda _: self._tail_failed(self.target), log=log,
                                               max_conns=conns, idle_timeout=idle)
             else:
                 self._proxy = TcpProxy(sock, self._connect_tail, stats=self.stats, log=log,
-                                       max_conns=conns, idle_timeout=idle)
+                                       max_conns=conns, idle_timeout=idle, closed=self._closed_tail)
             self._proxy.start()
             self._retarget()
         except BaseException:
             await self.aclose()
             raise
+
+    async def _listen(self, ns: Netns | None) -> socket.socket:
+        head = self.plan.head
+        udp = head.proto == "udp"
+        try:
+            sock = await make_socket(ns, family_of(head.host), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+                                     bind=(head.host, head.port or 0), listen=None if udp else 1024)
+        except OSError as e:
+            raise Refused(f"cannot listen on {format_url(head.proto, ns, head.host, head.port or 0)}: "
+                          f"{e.strerror or e}") from None
+        self._stack.callback(sock.close)
+        host, port = sock.getsockname()[:2]
+        self.head_url = format_url(head.proto, ns, host, port)
+        self.head_port = port
+        return sock
+
+    async def _listen_unix(self, ns: Netns | None) -> socket.socket:
+        """A unix head: its socket file is removed when the segment closes (unixsock.py)."""
+        try:
+            sock, remove = await listen_unix(ns, self.plan.head.path, self.plan.mode)
+        except UnixHeadError as e:
+            raise Refused(e.strerror) from None
+        self._stack.callback(remove)  # after the close below (the stack unwinds last in, first out)
+        self._stack.callback(sock.close)
+        self.head_url = format_unix(ns, self.plan.head.path)
+        return sock
 
     async def _arm(self) -> None:
         """Resolve the tail's namespace and build what lies behind it; all or nothing."""
@@ -173,11 +196,16 @@ class Segment:
                     and tail_ns is not None and tail_ns.pidfd >= 0):
                 self._follow(tail_ns, stack)
             reached = await self._link.open(self, tail_ns, stack)
+            targets = [reached.target]
+            for end in self.plan.tails:  # add-tail's
+                targets.append(Target(await self._open(end.place, stack), end.host, end.port, end.path))
+            tails = Tails(targets, self.plan.balance, f"wormhole {self.id}")
+            stack.push_async_callback(tails.aclose)
         except BaseException:
             await stack.aclose()
             raise
         self._armed_stack, self.child, self.remote = stack, reached.child, reached.remote
-        self.target = reached.target
+        self.target, self.tails = reached.target, tails
         self._retarget()
 
     def _retarget(self) -> None:
@@ -215,10 +243,14 @@ class Segment:
     async def _connect_tail(self) -> socket.socket:
         t = await self._target()
         try:
-            return await dial(t.ns, t.host, t.port, wait=getattr(self._proxy, "finish_connect", None))
+            return await self.tails.connect(getattr(self._proxy, "finish_connect", None))
         except OSError:
             self._tail_failed(t)
             raise
+
+    def _closed_tail(self, sock: socket.socket) -> None:
+        if self.tails is not None:
+            self.tails.closed(sock)
 
     def _tail_failed(self, t: Target | None) -> None:
         """A connection to tail t failed for good: a remote child that stopped answering is dropped."""
@@ -246,14 +278,14 @@ class Segment:
         container restarted): drop it, so that the next connection builds it again."""
         log.warning("wormhole %s: %s", self.id, why)
         stack, self._armed_stack = self._armed_stack, None
-        self.target = self.child = self.remote = None
+        self.target = self.tails = self.child = self.remote = None
         self._retarget()
         self._disarming = asyncio.ensure_future(stack.aclose())
         self._disarming.add_done_callback(lambda _: setattr(self, "_disarming", None))
 
     async def _open_flow(self) -> socket.socket:
-        t = await self._target()
-        return await dial_udp(t.ns, t.host, t.port)
+        await self._target()
+        return await self.tails.open_flow()
 
     def describe(self) -> dict:
         stats = self._proxy.stats if isinstance(self._proxy, NativeTcpProxy) else self.stats
@@ -272,7 +304,14 @@ class Segment:
             "connections": stats.connections, "total": stats.total,
             "bytes_in": stats.bytes_in, "bytes_out": stats.bytes_out, "refused": stats.refused,
             "max_conns": self.limits[0] or None, "idle_timeout": self.limits[1] or None,
+            "tails": self._describe_tails(),
         }
+
+    def _describe_tails(self) -> list[dict]:
+        """Each tail: its url and, with several, its state (up/down) and counts."""
+        if self.tails is not None:
+            return self.tails.describe(self.plan.tail.proto)
+        return [{"url": f"{end} (on the next connection)"} for end in self.plan.all_tails]
 
     async def aclose(self) -> None:
         """Stop listening, close connections, then tear down the child and namespaces."""
