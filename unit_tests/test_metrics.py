@@ -89,8 +89,23 @@ def test_names_types_and_units():
     assert types["wormhole_tunnel_handshake_age_seconds"] == "gauge"
     assert {n for n, k in types.items() if k == "gauge"} == {
         "wormhole_connections_active", "wormhole_udp_flows_active", "wormhole_tunnel_up",
-        "wormhole_tunnel_handshake_age_seconds", "wormhole_failed_records"}
+        "wormhole_tunnel_handshake_age_seconds", "wormhole_failed_records", "wormhole_tail_up",
+        "wormhole_tail_connections_active"}
     assert all(re.search(r"^# HELP " + re.escape(n) + r" \S", text, re.MULTILINE) for n in types)
+
+
+def test_a_load_balanced_wormholes_tails_by_url():
+    lb = {**TCP, "id": "lb", "tails": [
+        {"url": "tcp://127.0.0.1:81", "state": "up", "connections": 2, "total": 7, "failures": 0},
+        {"url": "unix:///run/b.sock", "state": "down", "connections": 0, "total": 3, "failures": 4}]}
+    single = {**TCP, "tails": [{"url": "tcp://127.0.0.1:80"}]}  # one tail: no per-tail metrics
+    found = samples(exposition({**SNAPSHOT, "wormholes": [lb, single]}))
+    a, b = dict(id="lb", tail="tcp://127.0.0.1:81"), dict(id="lb", tail="unix:///run/b.sock")
+    assert (value(found, "wormhole_tail_up", **a), value(found, "wormhole_tail_up", **b)) == (1, 0)
+    assert value(found, "wormhole_tail_connections_active", **a) == 2
+    assert value(found, "wormhole_tail_connections_total", **b) == 3
+    assert value(found, "wormhole_tail_failures_total", **b) == 4
+    assert not [k for k in found if k[0].startswith("wormhole_tail_") and dict(k[1]).get("id") == "web"]
 
 
 def test_wormhole_labels_and_values():

@@ -116,7 +116,8 @@ def families(snap: dict) -> list:
         {"time": unix seconds,
          "wormholes": [{"id", "peer", "transport", "proto", "trigger", "connections", "total",
                         "bytes_in", "bytes_out", "refused", "dial_failures", "trigger_ok",
-                        "trigger_failed", "trigger_buckets", "trigger_sum"}],
+                        "trigger_failed", "trigger_buckets", "trigger_sum",
+                        "tails": [{"url", "state", "connections", "total", "failures"}] (several tails)}],
          "tunnels": [{"peer", "type", "interface", "state", "rx_bytes", "tx_bytes",
                       "latest_handshake" (unix seconds or None)}],
          "requests": [{"method", "outcome", "count"}],
@@ -150,7 +151,21 @@ def families(snap: dict) -> list:
                     L + ["outcome"])
     durations = HistogramMetricFamily("wormhole_trigger_duration_seconds",
                                       "How long trigger runs took, whatever their outcome.", labels=L)
+    TL = ["id", "tail"]  # a load-balanced wormhole's tails, by url
+    tail_up = _gauge("wormhole_tail_up", "1 while a load-balanced wormhole's tail is up, 0 while it is "
+                     "marked down (refused or timed out; probed with backoff).", TL)
+    tail_active = _gauge("wormhole_tail_connections_active", "Connections (UDP: flows) open now to this tail.", TL)
+    tail_total = _counter("wormhole_tail_connections_total", "Connections (UDP: flows) made to this tail.", TL)
+    tail_failed = _counter("wormhole_tail_failures_total",
+                           "Dials and probes of this tail that failed.", TL)
     for w in snap.get("wormholes", ()):
+        for t in w.get("tails") or ():
+            if "state" in t:
+                tl = [w["id"], t["url"]]
+                tail_up.add_metric(tl, 1 if t["state"] == "up" else 0)
+                tail_active.add_metric(tl, t["connections"])
+                tail_total.add_metric(tl, t["total"])
+                tail_failed.add_metric(tl, t["failures"])
         labels = [w["id"], w.get("peer") or "", w.get("transport") or ""]
         if w.get("proto") == "udp":
             flows.add_metric(labels, w["total"])
@@ -202,7 +217,8 @@ def families(snap: dict) -> list:
                             "Records listed as failed now (not restored at start, not deleted since).", [])
     failed_records.add_metric([], snap.get("failed_records", 0))
     return [accepted, active, refused, flows, flows_active, dropped, bytes_in, bytes_out, dials, runs,
-            durations, up, rx, tx, age, requests, restores, failed_records]
+            durations, tail_up, tail_active, tail_total, tail_failed, up, rx, tx, age, requests, restores,
+            failed_records]
 
 
 # --- the shell: the daemon's objects, read on the loop; the HTTP server ------------------------
@@ -233,7 +249,8 @@ class Exporter:
                          "connections": d["connections"], "total": d["total"], "bytes_in": d["bytes_in"],
                          "bytes_out": d["bytes_out"], "refused": d["refused"], "dial_failures": c.dial_failures,
                          "trigger_ok": c.trigger_ok, "trigger_failed": c.trigger_failed,
-                         "trigger_buckets": list(c.trigger_buckets), "trigger_sum": c.trigger_sum})
+                         "trigger_buckets": list(c.trigger_buckets), "trigger_sum": c.trigger_sum,
+                         "tails": d.get("tails")})
         requests = []
         if self._control is not None:
             requests = [{"method": m, "outcome": o, "count": n} for (m, o), n in self._control.requests.items()]
