@@ -94,3 +94,9 @@ test-engine-asan: install
 	WORMHOLE_ENGINE_SO="$$tmp/_engine.so" LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	$(PY) -m pytest -q -p no:cacheprovider unit_tests/test_engine.py
+
+# dist: dist/wormhole, one executable file (PyInstaller --onefile, from pyproject's dist extra) that is
+# wormholed when called by that name or as `wormhole daemon`, and wormhole otherwise (scripts/build-dist).
+.PHONY: dist
+dist: install
+	@./scripts/build-dist
