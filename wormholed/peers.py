@@ -9,7 +9,7 @@ import contextlib
 import time
 
 from wormhole.addr import Address, AddressError
-from wormhole.client import connect
+from wormhole.async_client import connect
 from wormhole.protocol import RpcError
 
 from .errors import Failed, Refused, from_rpc
