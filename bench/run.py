@@ -16,6 +16,8 @@ haproxy, socat), the rates as the median of --repeat runs:
 * UDP datagrams per second: 64-byte datagrams, 32 in flight, to a UDP echo
   (direct, wormhole, socat);
 * ``wormhole ping`` against the row's daemon: p50 and p95.
+* the CLI itself: wall time of ``wormhole ping`` and ``wormhole list``, a fresh process each
+  (from exec to exit, as a shell runs them): p50 and p95.
 
 Then the goals for the wormhole rows, and the tunnel table (bench/tunnel.py): iperf3
 through a WireGuard tunnel between two network namespaces, built by
@@ -1661,6 +1663,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows, tunnel_rows, veth_mtu = run(names, opts, log)
         costs = measure_metrics_cost(names, opts, log)
+        cli_times = measure_cli(names, log)
     except KeyboardInterrupt:
         print("bench: interrupted; every process stopped", file=sys.stderr)
         return 130
@@ -1672,6 +1675,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         if costs:
             meta["metrics_cost"] = metrics_cost_to_json(costs)
+        if cli_times:
+            meta["cli"] = cli_to_json(cli_times)
         print(rows_to_json(rows, meta, tunnel.tunnel_to_json(tunnel_rows) if tunnel_rows else None))
     else:
         header = (f"wormhole bench  {started:%Y-%m-%d %H:%M:%S %Z}  nproc {nproc}  "
@@ -1682,6 +1687,8 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(format_table(rows))
         if costs:
             tables.append(metrics_cost_table(costs))
+        if cli_times:
+            tables.append(cli_table(cli_times))
         if tunnel_rows:
             tables.append(tunnel.format_tunnel_table(
                 tunnel_rows, tunnel.tunnel_header(args.duration, veth_mtu)))

@@ -1,13 +1,17 @@
 """Control-channel addresses: `tcp://host:port`, `host:port`, `:port`, `host`, `unix:///path`
-(or `unix://relative/path`, resolved against the working directory)."""
+(or `unix://relative/path`, resolved against the working directory).
+
+The CLI parses its -H address for every command, so the usual ones (a unix socket, an
+IPv4 literal, a port) are read without the create grammar, spec.py, whose import costs
+more than the rest of a `wormhole list` (its dataclasses, ipaddress, docker_args). Any
+other form (a name, IPv6, anything wrong) is left to spec's split_host_port, which the
+fast path agrees with on what it accepts."""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
-
-from .spec import SpecError, hostport, split_host_port
 
 DEFAULT_PORT = 9999
 
@@ -25,6 +29,20 @@ def literal_family(host: str) -> int:
         except OSError:
             pass
     return 0
+
+
+def _literal_host_port(text: str) -> tuple[str | None, int | None] | None:
+    """`[IPV4][:PORT]` as split_host_port reads it, for an IPv4 address written canonically
+    and a port of at most 5 digits; None for anything else (the grammar decides)."""
+    host, sep, port = text.partition(":")
+    try:
+        if host and socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, host)) != host:
+            return None
+    except (OSError, ValueError):  # not an IPv4 literal; ValueError: a NUL or non-ASCII
+        return None
+    if sep and not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        return None
+    return host or None, int(port) if sep else None
 
 
 @dataclass(frozen=True)
@@ -45,14 +63,19 @@ class Address:
         rest = text[len("tcp://"):] if text.startswith("tcp://") else text
         if "://" in rest:
             raise AddressError(f"bad address {text!r}: use tcp:// or unix://")
-        try:
-            host, port = split_host_port(rest, f"address {text!r}")
-        except SpecError as e:
-            raise AddressError(str(e)) from None
+        if (literal := _literal_host_port(rest)) is not None:
+            host, port = literal
+        else:
+            from .spec import SpecError, split_host_port
+            try:
+                host, port = split_host_port(rest, f"address {text!r}")
+            except SpecError as e:
+                raise AddressError(str(e)) from None
         return cls("tcp", host if host is not None else default_host,
                    port if port is not None else DEFAULT_PORT)
 
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix://{self.path}"
+        from .spec import hostport
         return f"tcp://{hostport(self.host or '', self.port)}"

@@ -1,19 +1,29 @@
-"""wormhole: the command line. The only place that prints or exits."""
+"""wormhole: the command line. The only place that prints or exits.
+
+Every command is a fresh process, so what it imports is most of what it costs. This module
+imports click and what every command needs (addr, keys) at the top, and the rest where it
+is used: client.py (the TLS call; json through protocol.py) on the first call to the daemon,
+spec.py (the create grammar) in create and wherever a duration is shown, json for --json.
+Nothing here imports asyncio: the daemon's asyncio client is async_client.py.
+functional_tests/test_cli_fast.py checks that `import wormhole.cli` stays without it.
+
+Shell completion is click's own; what it offers is completion.py's, which imports nothing
+until the shell asks."""
 
 from __future__ import annotations
 
-import json
+import functools
+import os
 import sys
 import time
 
 import click
 
+from . import completion
 from .addr import Address, AddressError
-from .client import call_once
-from .keys import DEFAULT_KEYFILE, KeyFileError, client_context, keygen, load_key
-from .protocol import RpcError
-from .spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS, SpecError, format_duration, parse, plan
+from .keys import DEFAULT_KEYFILE, KeyFileError, keygen
 
+# Formatted (with the grammar's limits from spec) when the help is shown: _CreateCommand.
 CREATE_HELP = """Create a wormhole from chained WORDS; prints "ID URL" (URL: where its head listens).
 
 \b
@@ -51,15 +61,29 @@ Examples:
   wormhole create url :3306 tail docker-ns mysql
   wormhole create url :80 trigger docker-run "wormhole/wordpress"
   wormhole create url :3306 tunnel myserver trigger docker-ns mysql
-""".format(words=MAX_WORDS, length=MAX_WORD_LENGTH, links=MAX_LINKS)
+"""
 
 
 class Ctx:
+    """The daemon to call and the key to call it with. The key, its TLS context and the
+    client module are loaded on the first call: commands that make none never pay for them."""
+
     def __init__(self, addr: Address, keyfile: str):
         self.addr, self.keyfile = addr, keyfile
+        self._call = None
 
-    def call(self, method: str, params: dict | None = None):
-        return call_once(self.addr, load_key(self.keyfile), method, params)
+    def prepare(self):
+        """Read the key, make the TLS context, import the client: all a call needs but the call."""
+        if self._call is None:
+            from .client import call_once
+            from .keys import client_context, load_key
+
+            key = load_key(self.keyfile)
+            self._call = functools.partial(call_once, self.addr, key, ctx=client_context(key))
+        return self._call
+
+    def call(self, method: str, params: dict | None = None, **kw):
+        return self.prepare()(method, params, **kw)
 
 
 def _addr(ctx, param, value):
@@ -80,6 +104,12 @@ def cli(ctx, addr, key_file):
     """wormhole: wire services together across network namespaces, containers and hosts.
 
     Talks to a wormholed daemon over TLS authenticated by a pre-shared key.
+
+    \b
+    Examples:
+      wormhole create url :8000 tail url :7000
+      wormhole -H myserver:9999 list
+      wormhole help create
     """
     ctx.obj = Ctx(addr, key_file)
 
@@ -88,22 +118,41 @@ def cli(ctx, addr, key_file):
 @click.argument("host", required=False)
 @click.pass_obj
 def ping(obj: Ctx, host):
-    """Round trip to the daemon (or through it to HOST's daemon), in milliseconds."""
+    """Round trip to the daemon (or through it to HOST's daemon), in milliseconds.
+
+    \b
+    Examples:
+      wormhole ping               # this host's daemon
+      wormhole ping myserver      # from this daemon to myserver's
+    """
     if host is None:  # from connecting to the answer: connection, TLS-PSK handshake, one round trip
-        key = load_key(obj.keyfile)
-        ctx = client_context(key)  # this process's own setup, not part of the round trip
+        call = obj.prepare()  # this process's own setup (key, TLS context), not part of the round trip
         start = time.perf_counter()
-        call_once(obj.addr, key, "ping", ctx=ctx)
+        call("ping")
         ms = (time.perf_counter() - start) * 1000
     else:
         ms = obj.call("ping", {"host": host})["ms"]
     click.echo(f"{ms:.3f}")
 
 
-@cli.command(help=CREATE_HELP, context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("words", nargs=-1, type=click.UNPROCESSED)
+class _CreateCommand(click.Command):
+    """create's help states the grammar's limits, which spec.py holds: they are filled in when
+    the help is shown, so that commands other than create never import spec."""
+
+    def format_help_text(self, ctx, formatter):
+        from .spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS
+
+        self.help = CREATE_HELP.format(words=MAX_WORDS, length=MAX_WORD_LENGTH, links=MAX_LINKS)
+        super().format_help_text(ctx, formatter)
+
+
+@cli.command(cls=_CreateCommand, help=CREATE_HELP,
+             context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("words", nargs=-1, type=click.UNPROCESSED, shell_complete=completion.complete_words)
 @click.pass_obj
 def create(obj: Ctx, words):
+    from .spec import SpecError, parse, plan
+
     try:
         plan(parse(words))
     except SpecError as e:
@@ -113,40 +162,155 @@ def create(obj: Ctx, words):
 
 
 @cli.command()
-@click.argument("id")
+@click.argument("id", shell_complete=completion.complete_ids)
 @click.pass_obj
 def delete(obj: Ctx, id):
-    """Delete wormhole ID with its children (local and remote), containers and connections."""
+    """Delete wormhole ID with its children (local and remote), containers and connections.
+
+    \b
+    Examples:
+      wormhole delete db            # the wormhole made with 'id db'
+      wormhole delete <TAB>         # the daemon's ids, with shell completion (README)
+    """
     for warning in obj.call("delete", {"id": id}).get("warnings", []):
         click.echo(f"wormhole: warning: {warning}", err=True)
 
 
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("-w", "--watch", is_flag=True,
+              help="Redraw the table every --interval seconds, with rates per second; Ctrl-C stops.")
+@click.option("-n", "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              metavar="SECONDS", help="How often --watch redraws.")
 @click.pass_obj
-def list_(obj: Ctx, as_json):
+def list_(obj: Ctx, as_json, watch, interval):
     """Wormholes: id, head, tail, state (armed/active/failed), connections (live/total), refused, bytes, limits, child.
 
-    CHILD is the child wormhole's id, ID@HOST when it lives on another daemon."""
+    CHILD is the child wormhole's id, ID@HOST when it lives on another daemon. With --watch,
+    CONN/S and BYTES/S IN/OUT are the rates since the previous redraw.
+
+    \b
+    Examples:
+      wormhole list
+      wormhole list --watch --interval 1
+      wormhole list --json
+    """
+    if watch and as_json:
+        raise click.UsageError("--watch draws the table; it does not go with --json")
+    if watch:
+        _watch(obj, interval)
+        return
     rows = obj.call("list")
     if as_json:
+        import json
+
         click.echo(json.dumps(rows, indent=1))
         return
-    table = [("ID", "HEAD", "TAIL", "STATE", "CONNS", "REFUSED", "BYTES IN/OUT", "LIMITS", "CHILD")]
+    _print_table(list_table(rows))
+
+
+def list_table(rows: list[dict], rates: dict[str, tuple[float, float, float]] | None = None) -> list[tuple[str, ...]]:
+    """`list`'s table, header first; with RATES (from list_rates), the CONN/S and BYTES/S
+    IN/OUT columns too ('-' for a wormhole that has no rate yet)."""
+    header = ("ID", "HEAD", "TAIL", "STATE", "CONNS", "REFUSED", "BYTES IN/OUT", "LIMITS", "CHILD")
+    if rates is not None:
+        header = header[:5] + ("CONN/S",) + header[5:7] + ("BYTES/S IN/OUT",) + header[7:]
+    table = [header]
     for r in rows:
         child = r.get("child") or (f"(on {r['remote']})" if r.get("remote") else "-")
         limits = [f"max-conns {r['max_conns']}"] if r.get("max_conns") else []
-        limits += [f"idle-timeout {format_duration(r['idle_timeout'])}"] if r.get("idle_timeout") else []
-        table.append((r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}",
-                      str(r.get("refused", 0)), f"{r['bytes_in']}/{r['bytes_out']}", ", ".join(limits) or "-",
-                      child))
-    _print_table(table)
+        if r.get("idle_timeout"):
+            from .spec import format_duration
+
+            limits.append(f"idle-timeout {format_duration(r['idle_timeout'])}")
+        conns, bytes_in, bytes_out = (rates or {}).get(r["id"], (None, None, None))
+        row = [r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}"]
+        row += [human_rate(conns)] if rates is not None else []
+        row += [str(r.get("refused", 0)), f"{r['bytes_in']}/{r['bytes_out']}"]
+        row += [f"{human_rate(bytes_in)}/{human_rate(bytes_out)}"] if rates is not None else []
+        table.append((*row, ", ".join(limits) or "-", child))
+    return table
+
+
+RATE_COUNTERS = ("total", "bytes_in", "bytes_out")  # list's counters whose rates --watch shows
+
+
+def list_rates(before: list[dict], after: list[dict], seconds: float) -> dict[str, tuple[float, float, float]]:
+    """Per wormhole id in both list results, taken SECONDS apart: (connections/s, bytes in/s,
+    bytes out/s). A wormhole whose counters went back (deleted and made again under its id,
+    the daemon restarted) has no rate; none has when SECONDS is not positive."""
+    if seconds <= 0:
+        return {}
+    old = {r.get("id"): r for r in before}
+    rates = {}
+    for r in after:
+        prev = old.get(r.get("id"))
+        if prev is None:
+            continue
+        deltas = [r.get(k, 0) - prev.get(k, 0) for k in RATE_COUNTERS]
+        if min(deltas) >= 0:
+            rates[r["id"]] = tuple(d / seconds for d in deltas)
+    return rates
+
+
+def human_rate(value: float | None) -> str:
+    """A rate, short: '-' (none), 0, 0.5, 12, 950, 1.2k, 34M, 5.6G."""
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            scaled = value / size
+            return f"{scaled:.1f}{unit}" if scaled < 10 else f"{scaled:.0f}{unit}"
+    return f"{value:.1f}".removesuffix(".0") if value < 10 else f"{value:.0f}"
+
+
+def _watch(obj: Ctx, interval: float) -> None:
+    """`list --watch`: redraw in place on a terminal (cursor home, each line erased to its end,
+    the rest of the screen cleared), else print each table after a blank line. The first
+    call's error ends it (exit 1); later ones are shown in place of the table until the
+    daemon answers again. Ctrl-C ends it with status 0."""
+    try:
+        rows = obj.call("list")
+        from .protocol import RpcError  # (imported by the call)
+
+        tty = sys.stdout.isatty()
+        if tty:
+            import shutil
+
+            click.echo("\x1b[H\x1b[2J", nl=False)
+        prev = prev_at = None
+        while True:
+            at = time.monotonic()
+            title = f"Every {interval:g}s: wormhole list    {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            if isinstance(rows, list):
+                rates = list_rates(prev, rows, at - prev_at) if prev is not None else {}
+                lines = [title, ""] + _table_lines(list_table(rows, rates))
+                prev, prev_at = rows, at
+            else:
+                lines = [title, "", f"wormhole: error: {rows}"]
+                prev = None
+            if tty:
+                width = shutil.get_terminal_size().columns
+                click.echo("\x1b[H" + "".join(line[:width] + "\x1b[K\n" for line in lines) + "\x1b[J", nl=False)
+            else:
+                click.echo("\n".join(lines) + "\n")
+            time.sleep(max(0.0, interval - (time.monotonic() - at)))
+            try:
+                rows = obj.call("list")
+            except RpcError as e:
+                rows = str(e)
+    except KeyboardInterrupt:
+        return
+
+
+def _table_lines(table: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
 
 
 def _print_table(table: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for line in _table_lines(table):
+        click.echo(line)
 
 
 @cli.command("tunnel-create")
@@ -164,17 +328,30 @@ def tunnel_create(obj: Ctx, kind, udp, rekey, host):
     Prints "SRC DST": the overlay addresses of this end and of HOST's end, a pair from
     the daemons' -C network. Running it again prints the same pair and changes nothing;
     a tunnel whose far half is gone (HOST rebooted) is rebuilt. Tunnels outlive the
-    daemons; tunnel-delete removes both halves. HOST is a daemon address as for ping."""
+    daemons; tunnel-delete removes both halves. HOST is a daemon address as for ping.
+
+    \b
+    Examples:
+      wormhole tunnel-create myserver            # 100.66.12.6 100.66.12.7
+      wormhole tunnel-create --type ipsec --udp myserver
+      wormhole tunnel-create --rekey myserver    # new ipsec keys, connections stay up
+    """
     res = obj.call("tunnel-create", {"host": host, "type": kind, "udp": udp, "rekey": rekey})
     click.echo(f"{res['local_ip']} {res['remote_ip']}")
 
 
 @cli.command("tunnel-delete")
 @click.option("--force", is_flag=True, help="Also delete the wormholes that use the tunnel.")
-@click.argument("host")
+@click.argument("host", shell_complete=completion.complete_peers)
 @click.pass_obj
 def tunnel_delete(obj: Ctx, force, host):
-    """Remove the tunnel to HOST: both halves. Refused while wormholes use it, unless --force."""
+    """Remove the tunnel to HOST: both halves. Refused while wormholes use it, unless --force.
+
+    \b
+    Examples:
+      wormhole tunnel-delete myserver
+      wormhole tunnel-delete --force myserver    # and the wormholes through it
+    """
     for warning in obj.call("tunnel-delete", {"host": host, "force": force}).get("warnings", []):
         click.echo(f"wormhole: warning: {warning}", err=True)
 
@@ -184,9 +361,17 @@ def tunnel_delete(obj: Ctx, force, host):
 @click.pass_obj
 def tunnel_list(obj: Ctx, as_json):
     """Tunnels: peer, type, overlay pair (here-there), underlay endpoints, interface,
-    latest handshake, bytes received/sent, state, and the wormholes that use each."""
+    latest handshake, bytes received/sent, state, and the wormholes that use each.
+
+    \b
+    Examples:
+      wormhole tunnel-list
+      wormhole tunnel-list --json
+    """
     rows = obj.call("tunnel-list")
     if as_json:
+        import json
+
         click.echo(json.dumps(rows, indent=1))
         return
     table = [("PEER", "TYPE", "OVERLAY", "UNDERLAY", "INTERFACE", "HANDSHAKE", "RX/TX", "STATE", "USERS")]
@@ -202,15 +387,25 @@ def tunnel_list(obj: Ctx, as_json):
 
 @cli.command("keygen")
 def keygen_():
-    """Print a new random key for /etc/wormhole/key.secret (chmod 600 it)."""
+    """Print a new random key for /etc/wormhole/key.secret (chmod 600 it).
+
+    \b
+    Examples:
+      (umask 077; wormhole keygen > /etc/wormhole/key.secret)
+    """
     click.echo(keygen())
 
 
 @cli.command("help")
-@click.argument("command", required=False)
+@click.argument("command", required=False, shell_complete=completion.complete_commands)
 @click.pass_context
 def help_(ctx, command):
-    """Show help for COMMAND (or for wormhole)."""
+    """Show help for COMMAND (or for wormhole).
+
+    \b
+    Examples:
+      wormhole help create
+    """
     group = ctx.parent.command
     if command is None:
         click.echo(group.get_help(ctx.parent))
@@ -223,13 +418,15 @@ def help_(ctx, command):
 
 
 def main() -> None:
+    if completion.COMPLETE_VAR in os.environ:  # the shell asks for completions, or for its script
+        completion.use_bash_line()
     try:
         cli.main(prog_name="wormhole", standalone_mode=False)
     except click.UsageError as e:
         hint = f" (see 'wormhole help {e.ctx.info_name}')" if e.ctx and e.ctx.parent else " (see 'wormhole help')"
         click.echo(f"wormhole: {e.format_message()}{hint}", err=True)
         sys.exit(2)
-    except (RpcError, KeyFileError) as e:
+    except KeyFileError as e:
         click.echo(f"wormhole: error: {e}", err=True)
         sys.exit(1)
     except click.ClickException as e:
@@ -238,6 +435,11 @@ def main() -> None:
     except (click.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as e:  # never a traceback for the user
-        click.echo(f"wormhole: error: {e.__class__.__name__}: {e}", err=True)
+        from .protocol import RpcError  # (imported already if a call was made)
+
+        if isinstance(e, RpcError):  # the daemon's error, or Failed (unreachable, wrong key)
+            click.echo(f"wormhole: error: {e}", err=True)
+        else:
+            click.echo(f"wormhole: error: {e.__class__.__name__}: {e}", err=True)
         sys.exit(1)
     sys.exit(0)

@@ -2,19 +2,19 @@
 
 The key file is refused when missing, empty, not a regular file, or readable by
 group or others (as ssh does). The contexts: the server has no certificate, and the
-client trusts no CA, so a handshake succeeds only when the PSK authenticated it."""
+client trusts no CA, so a handshake succeeds only when the PSK authenticated it.
+
+keygen imports secrets itself: every CLI command imports this module, and only keygen
+makes a key."""
 
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import ssl
 import stat
-import string
 
 DEFAULT_KEYFILE = "/etc/wormhole/key.secret"
-_ALPHABET = string.ascii_letters + string.digits
 
 
 class KeyFileError(Exception):
@@ -50,7 +50,11 @@ def load_key(path: str = DEFAULT_KEYFILE) -> bytes:
 
 def keygen(length: int = 40) -> str:
     """A random key for key.secret: ~238 bits in letters and digits."""
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    import secrets
+    import string
+
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
 def _tls13(protocol: int) -> ssl.SSLContext:

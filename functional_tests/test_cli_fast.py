@@ -1,0 +1,79 @@
+"""The CLI as people use it, against a real daemon: shell completion of the ids `delete` takes,
+`list --watch` redrawing until Ctrl-C, and a command that imports no asyncio (what keeps it
+quick to start; how quick is bench/run.py's business, not a test's)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from harness import SLOW, WORMHOLE
+
+
+def complete(host, *words: str) -> list[str]:
+    """What the real `wormhole WORDS<TAB>` offers in bash on host (the last word is being typed)."""
+    env = {**os.environ, "_WORMHOLE_COMPLETE": "bash_complete", "COMP_WORDS": " ".join(["wormhole", *words]),
+           "COMP_CWORD": str(len(words))}
+    r = host.exec(WORMHOLE, env=env, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return [line.partition(",")[2] for line in r.stdout.splitlines() if line]
+
+
+def test_delete_completes_the_daemons_ids(host):
+    ident, _ = host.create("url", ":7101", "tail", "url", ":7102", "id", "fast-cli")
+    other, _ = host.create("url", ":7103", "tail", "url", ":7104")
+    assert ident == "fast-cli"
+    assert complete(host, "-H", host.sock, "delete", "fast") == ["fast-cli"]
+    assert sorted(complete(host, "-H", host.sock, "delete", "")) == sorted([ident, other])
+    assert complete(host, "-H", host.sock, "delete", "nothing-like-it") == []
+    host.ok("delete", "fast-cli")
+    assert complete(host, "-H", host.sock, "delete", "") == [other]
+
+
+def test_bash_completes_ids_after_an_address_it_split(host):
+    """bash splits `-H unix:///...` at ':'; its function passes the line as typed too."""
+    ident, _ = host.create("url", ":7105", "tail", "url", ":7106", "id", "split-by-bash")
+    line = f"wormhole -H {host.sock} delete spl"
+    words = ["wormhole", "-H", "unix", ":", host.sock.removeprefix("unix:"), "delete", "spl"]
+    script = ('eval "$(_WORMHOLE_COMPLETE=bash_source "$0")"; COMP_LINE="$1"; COMP_POINT=${#1}; shift; '
+              'COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _wormhole_completion "$0"; '
+              'echo "${COMPREPLY[@]}"')
+    r = host.exec("bash", "--norc", "-c", script, WORMHOLE, line, *words, timeout=30)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.split() == [ident], r
+
+
+def test_list_watch_redraws_and_ctrl_c_exits_0(host):
+    ident, _ = host.create("url", ":7111", "tail", "url", ":7112")
+    proc = host.popen(WORMHOLE, "-H", host.sock, "list", "--watch", "--interval", "0.2",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30 * SLOW
+        while sum(ident in line for line in lines) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        tables = [i for i, line in enumerate(lines) if line.startswith("ID ")]
+        assert len(tables) >= 3, f"{len(tables)} tables:\n{''.join(lines)}"
+        assert "CONN/S" in lines[tables[0]] and "BYTES/S IN/OUT" in lines[tables[0]]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(10 * SLOW)
+        finally:
+            proc.kill()
+            reader.join(10)
+    assert rc == 0, proc.stderr.read()
+    assert proc.stderr.read() == ""
+
+
+def test_a_command_imports_no_asyncio(host):
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import wormhole.cli"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "wormhole.cli" in r.stderr
+    assert "asyncio" not in r.stderr
+    r = host.exec(sys.executable, "-X", "importtime", WORMHOLE, "-H", host.sock, "list", timeout=30)
+    assert r.returncode == 0 and "wormhole.client" in r.stderr, r.stderr
+    assert "asyncio" not in r.stderr
