@@ -11,11 +11,12 @@ all: install
 deps:
 	./scripts/install-deps test
 
-# setup.py and the engine's source: pip builds wormholed/_engine.c in place (editable install).
+# setup.py and the engine's source: pip builds wormholed/_engine.c in place (editable install; "compat":
+# a .pth path entry, not an import finder, whose import would cost every wormhole command ~20 ms).
 $(STAMP): pyproject.toml setup.py wormholed/_engine.c
 	@python=$$(./scripts/find-python) && \
 	  { [ -x $(PY) ] || $$python -m venv $(VENV); }
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
 install: $(STAMP)

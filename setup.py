@@ -1,8 +1,11 @@
-"""The native relay engine (wormholed/_engine.c); everything else is in pyproject.toml."""
+"""The native relay engine (wormholed/_engine.c) and the `wormhole` script (bin/wormhole: no
+console_scripts launcher, whose `import re` would slow every command); the rest is in
+pyproject.toml."""
 
 from setuptools import Extension, setup
 
 setup(
+    scripts=["bin/wormhole"],
     ext_modules=[
         Extension(
             "wormholed._engine",

@@ -77,3 +77,24 @@ def test_a_command_imports_no_asyncio(host):
     r = host.exec(sys.executable, "-X", "importtime", WORMHOLE, "-H", host.sock, "list", timeout=30)
     assert r.returncode == 0 and "wormhole.client" in r.stderr, r.stderr
     assert "asyncio" not in r.stderr
+
+
+def test_list_and_ping_answer_without_click_and_print_what_click_prints(host, tmp_path):
+    """`list` and `ping` in their plain forms take the fast path (wormhole/fast.py); what
+    they print is what the click command prints, and anything else goes to click."""
+    host.echo_server(7401)
+    host.create("id", "fast", "url", ":8401", "tail", "url", ":7401")
+    via_click = [sys.executable, "-c", "import sys; from wormhole.cli import main; sys.argv[0] = 'wormhole'; main()"]
+    for args in (["list"], ["list", "--json"]):
+        fast = host.exec(sys.executable, "-X", "importtime", WORMHOLE, "-H", host.sock, *args, timeout=30)
+        assert fast.returncode == 0 and "click" not in fast.stderr.replace("wormhole.cli", "")
+        slow = host.exec(*via_click, "-H", host.sock, *args, timeout=30)
+        assert fast.stdout == slow.stdout and "fast" in fast.stdout
+    r = host.exec(WORMHOLE, f"--host={host.sock}", "ping", timeout=30)
+    assert r.returncode == 0 and float(r.stdout) > 0
+    r = host.exec(WORMHOLE, "-H", host.sock, "-K", str(tmp_path / "missing"), "list", timeout=30)
+    assert r.returncode == 1 and r.stderr.startswith("wormhole: error: key file") and r.stdout == ""
+    r = host.exec(WORMHOLE, "-H", "bad host!", "list", timeout=30)  # not the fast path's: click says why
+    assert r.returncode == 2 and "bad host" in r.stderr
+    r = host.exec(WORMHOLE, "-H", host.sock, "list", "--bogus", timeout=30)
+    assert r.returncode == 2 and "--bogus" in r.stderr

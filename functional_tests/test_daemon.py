@@ -130,6 +130,8 @@ def test_socket_activation_with_systemd_socket_activate(make_host):
         time.sleep(0.05)
     r = h.wormhole("ping", host=f"unix://{path}")
     assert r.returncode == 0, r.stderr + h.logs()
+    while "socket(s) from systemd" not in h.logs() and time.monotonic() < deadline + 10:
+        time.sleep(0.05)  # the control socket answers before the start-up is logged
     assert "socket(s) from systemd" in h.logs()
     assert h.stop() == 0
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wormhole import addr, spec
-from wormhole.cli import cli, human_rate, list_rates, list_table
+from wormhole.cli import cli
+from wormhole.tables import human_rate, list_rates, list_table
 
 WORMHOLE = str(Path(sys.executable).parent / "wormhole")
 
@@ -149,3 +150,28 @@ def test_the_watch_table_shows_rates_beside_totals():
     assert table[2][5] == "-" and table[2][8] == "-/-"
     assert list_table(rows)[0] == ("ID", "HEAD", "TAIL", "STATE", "CONNS", "REFUSED", "BYTES IN/OUT", "LIMITS",
                                    "CHILD")
+
+
+def test_list_table_shows_each_of_several_tails():
+    row = {"id": "lb", "head": "tcp://127.0.0.1:80", "tail": "tcp://127.0.0.1:81", "state": "active",
+           "connections": 1, "total": 9, "refused": 0, "bytes_in": 5, "bytes_out": 6,
+           "tails": [{"url": "tcp://127.0.0.1:81", "state": "up", "connections": 1, "total": 5, "failures": 0},
+                     {"url": "unix:///run/b.sock", "state": "down", "connections": 0, "total": 4, "failures": 2}]}
+    table = list_table([row])
+    assert table[1][:5] == ("lb", "tcp://127.0.0.1:80", "2 tails:", "active", "1/9")
+    assert table[2][2:5] == ("  tcp://127.0.0.1:81", "up", "1/5")
+    assert table[3][2:5] == ("  unix:///run/b.sock", "down (2 failed)", "0/4")
+    assert all(len(r) == len(table[0]) for r in table)
+    assert len(list_table([row], {})[3]) == len(list_table([row], {})[0])
+    single = dict(row, tails=[{"url": "tcp://127.0.0.1:81"}])
+    assert [r[2] for r in list_table([single])] == ["TAIL", "tcp://127.0.0.1:81"]
+
+
+def test_the_fast_path_reads_only_the_plain_forms_of_list_and_ping():
+    from wormhole.fast import plain
+    assert plain(["list"]) == ({}, "list", [])
+    assert plain(["-H", ":1", "--key-file", "k", "list", "--json"]) == ({"host": ":1", "key": "k"}, "list", ["--json"])
+    assert plain(["--host=unix:///s", "-K", "k", "ping"]) == ({"host": "unix:///s", "key": "k"}, "ping", [])
+    for argv in ([], ["--help"], ["list", "--help"], ["list", "-w"], ["ping", "myserver"], ["create", "url", ":1"],
+                 ["-H"], ["-H=x", "list"], ["-v", "list"], ["list", "--json", "--json"], ["help"]):
+        assert plain(argv) is None, argv

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+
+from .record import Record
 
 DEFAULT_PORT = 9999
 
@@ -45,12 +46,16 @@ def _literal_host_port(text: str) -> tuple[str | None, int | None] | None:
     return host or None, int(port) if sep else None
 
 
-@dataclass(frozen=True)
-class Address:
-    kind: str  # "tcp" or "unix"
-    host: str | None = None  # tcp: None = all addresses (daemon)
-    port: int = DEFAULT_PORT
-    path: str | None = None  # unix
+class Address(Record):
+    """A plain class, not a dataclass: see record.py."""
+
+    __slots__ = ("kind", "host", "port", "path")
+
+    def __init__(self, kind: str, host: str | None = None, port: int = DEFAULT_PORT, path: str | None = None):
+        self.kind = kind  # "tcp" or "unix"
+        self.host = host  # tcp: None = all addresses (daemon)
+        self.port = port
+        self.path = path  # unix
 
     @classmethod
     def parse(cls, text: str, default_host: str | None = None) -> Address:

@@ -22,6 +22,7 @@ import click
 from . import completion
 from .addr import Address, AddressError
 from .keys import DEFAULT_KEYFILE, KeyFileError, keygen
+from .tables import list_rates, list_table, table_lines
 
 # Formatted (with the grammar's limits from spec) when the help is shown: _CreateCommand.
 CREATE_HELP = """Create a wormhole from chained WORDS; prints "ID URL" (URL: where its head listens).
@@ -29,7 +30,8 @@ CREATE_HELP = """Create a wormhole from chained WORDS; prints "ID URL" (URL: whe
 \b
 Words are read left to right; modifiers apply to the head until 'tail' or
 'trigger' switches them to the tail:
-  url URL            [tcp|udp://][NS@][HOST][:PORT]  (NS: a named netns)
+  url URL            [tcp|udp://][NS@][HOST][:PORT]  (NS: a named netns, docker:NAME@
+                     a container's); a unix socket: unix://[NS@]/PATH, unix:[NS@]@NAME
   id ID              name the wormhole (default: a random UUID)
   docker-ns ID       live in that container's network namespace
   docker-run "ARGS"  'docker run -d ARGS' and live in its namespace
@@ -43,6 +45,10 @@ Words are read left to right; modifiers apply to the head until 'tail' or
   udptunnel HOST     as tunnel, UDP-encapsulated (ESP-in-UDP for ipsec; WireGuard is UDP)
   max-conns N        at most N connections (UDP: flows) at once; more are refused and counted
   idle-timeout D     close a connection (UDP: flow) with no bytes either way for D (30s, 5m, 1h)
+  mode 0NNN          a unix head socket file's permissions (default 0660, owner root)
+  add-tail           following modifiers apply to another tail: connections are spread
+                     over the tails; one that refuses or times out is skipped and probed
+  balance POLICY     round-robin (default) or least-conns
 
 \b
 Defaults: head tcp://127.0.0.1 on the given or an ephemeral port; the tail
@@ -52,7 +58,7 @@ none for TCP and 4096 flows, 60s for UDP.
 
 \b
 Limits: {words} words, {length} characters a word, {links} child/chain/remote/
-tunnel words in one create.
+tunnel words, {tails} tails in one create.
 
 \b
 Examples:
@@ -61,6 +67,8 @@ Examples:
   wormhole create url :3306 tail docker-ns mysql
   wormhole create url :80 trigger docker-run "wormhole/wordpress"
   wormhole create url :3306 tunnel myserver trigger docker-ns mysql
+  wormhole create url :2375 tail url unix:///var/run/docker.sock
+  wormhole create url :80 tail url :8081 add-tail url :8082 balance least-conns
 """
 
 
@@ -140,9 +148,9 @@ class _CreateCommand(click.Command):
     the help is shown, so that commands other than create never import spec."""
 
     def format_help_text(self, ctx, formatter):
-        from .spec import MAX_LINKS, MAX_WORD_LENGTH, MAX_WORDS
+        from .spec import MAX_LINKS, MAX_TAILS, MAX_WORD_LENGTH, MAX_WORDS
 
-        self.help = CREATE_HELP.format(words=MAX_WORDS, length=MAX_WORD_LENGTH, links=MAX_LINKS)
+        self.help = CREATE_HELP.format(words=MAX_WORDS, length=MAX_WORD_LENGTH, links=MAX_LINKS, tails=MAX_TAILS)
         super().format_help_text(ctx, formatter)
 
 
@@ -209,61 +217,6 @@ def list_(obj: Ctx, as_json, watch, interval):
     _print_table(list_table(rows))
 
 
-def list_table(rows: list[dict], rates: dict[str, tuple[float, float, float]] | None = None) -> list[tuple[str, ...]]:
-    """`list`'s table, header first; with RATES (from list_rates), the CONN/S and BYTES/S
-    IN/OUT columns too ('-' for a wormhole that has no rate yet)."""
-    header = ("ID", "HEAD", "TAIL", "STATE", "CONNS", "REFUSED", "BYTES IN/OUT", "LIMITS", "CHILD")
-    if rates is not None:
-        header = header[:5] + ("CONN/S",) + header[5:7] + ("BYTES/S IN/OUT",) + header[7:]
-    table = [header]
-    for r in rows:
-        child = r.get("child") or (f"(on {r['remote']})" if r.get("remote") else "-")
-        limits = [f"max-conns {r['max_conns']}"] if r.get("max_conns") else []
-        if r.get("idle_timeout"):
-            from .spec import format_duration
-
-            limits.append(f"idle-timeout {format_duration(r['idle_timeout'])}")
-        conns, bytes_in, bytes_out = (rates or {}).get(r["id"], (None, None, None))
-        row = [r["id"], r["head"], r["tail"], r["state"], f"{r['connections']}/{r['total']}"]
-        row += [human_rate(conns)] if rates is not None else []
-        row += [str(r.get("refused", 0)), f"{r['bytes_in']}/{r['bytes_out']}"]
-        row += [f"{human_rate(bytes_in)}/{human_rate(bytes_out)}"] if rates is not None else []
-        table.append((*row, ", ".join(limits) or "-", child))
-    return table
-
-
-RATE_COUNTERS = ("total", "bytes_in", "bytes_out")  # list's counters whose rates --watch shows
-
-
-def list_rates(before: list[dict], after: list[dict], seconds: float) -> dict[str, tuple[float, float, float]]:
-    """Per wormhole id in both list results, taken SECONDS apart: (connections/s, bytes in/s,
-    bytes out/s). A wormhole whose counters went back (deleted and made again under its id,
-    the daemon restarted) has no rate; none has when SECONDS is not positive."""
-    if seconds <= 0:
-        return {}
-    old = {r.get("id"): r for r in before}
-    rates = {}
-    for r in after:
-        prev = old.get(r.get("id"))
-        if prev is None:
-            continue
-        deltas = [r.get(k, 0) - prev.get(k, 0) for k in RATE_COUNTERS]
-        if min(deltas) >= 0:
-            rates[r["id"]] = tuple(d / seconds for d in deltas)
-    return rates
-
-
-def human_rate(value: float | None) -> str:
-    """A rate, short: '-' (none), 0, 0.5, 12, 950, 1.2k, 34M, 5.6G."""
-    if value is None:
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            scaled = value / size
-            return f"{scaled:.1f}{unit}" if scaled < 10 else f"{scaled:.0f}{unit}"
-    return f"{value:.1f}".removesuffix(".0") if value < 10 else f"{value:.0f}"
-
-
 def _watch(obj: Ctx, interval: float) -> None:
     """`list --watch`: redraw in place on a terminal (cursor home, each line erased to its end,
     the rest of the screen cleared), else print each table after a blank line. The first
@@ -284,7 +237,7 @@ def _watch(obj: Ctx, interval: float) -> None:
             title = f"Every {interval:g}s: wormhole list    {time.strftime('%Y-%m-%d %H:%M:%S')}"
             if isinstance(rows, list):
                 rates = list_rates(prev, rows, at - prev_at) if prev is not None else {}
-                lines = [title, ""] + _table_lines(list_table(rows, rates))
+                lines = [title, ""] + table_lines(list_table(rows, rates))
                 prev, prev_at = rows, at
             else:
                 lines = [title, "", f"wormhole: error: {rows}"]
@@ -303,13 +256,8 @@ def _watch(obj: Ctx, interval: float) -> None:
         return
 
 
-def _table_lines(table: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-
-
 def _print_table(table: list[tuple[str, ...]]) -> None:
-    for line in _table_lines(table):
+    for line in table_lines(table):
         click.echo(line)
 
 

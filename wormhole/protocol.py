@@ -2,12 +2,14 @@
 
 One JSON object per line; a line over MAX_LINE is refused. Application errors carry
 one of two codes: REFUSED (the caller asked for something wrong) and FAILED (the
-system or a peer failed)."""
+system or a peer failed). Its two records are record.Record classes, not dataclasses
+(the CLI imports this module for every call)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+
+from .record import Record
 
 MAX_LINE = 1 << 20  # a line (without its newline) longer than this is refused
 MAX_NESTING = 32  # arrays/objects nested deeper than this are refused (a parse error)
@@ -51,11 +53,13 @@ class Failed(RpcError):
         super().__init__(FAILED, message, data)
 
 
-@dataclass(frozen=True)
-class Oversize:
+class Oversize(Record):
     """Stands in the line stream for a line that was over MAX_LINE and dropped."""
 
-    length: int
+    __slots__ = ("length",)
+
+    def __init__(self, length: int):
+        self.length = length
 
 
 class LineFramer:
@@ -106,11 +110,11 @@ def error(id_, err: RpcError) -> bytes:
     return encode({"jsonrpc": "2.0", "id": id_, "error": err.to_json()})
 
 
-@dataclass(frozen=True)
-class Request:
-    id: int | str | None
-    method: str
-    params: dict
+class Request(Record):
+    __slots__ = ("id", "method", "params")
+
+    def __init__(self, id: int | str | None, method: str, params: dict):
+        self.id, self.method, self.params = id, method, params
 
 
 def nesting(line: str) -> int:
