@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import hashlib
 import importlib.util
@@ -17,8 +18,11 @@ import random
 import resource
 import select
 import socket
+import stat
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -85,11 +89,14 @@ def free_port() -> int:
 class Setup:
     """An engine listener on loopback whose target is a server socket the test accepts on."""
 
-    def __init__(self, eng, target: bool = True, host: str = LOCAL):
+    def __init__(self, eng, target: bool = True, host: str = LOCAL, rcvbuf: int = 0):
+        """rcvbuf: the SO_RCVBUF of the engine's client sockets (they inherit the head's)."""
         self.eng = eng
         self.server = listening(host)
         head = listening(host)
         head.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if rcvbuf:
+            head.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         head.setblocking(False)
         self.addr = head.getsockname()[:2]
         self.lid = eng.listen(head.fileno())
@@ -99,10 +106,15 @@ class Setup:
             eng.set_target(self.lid, self.family, host, self.server.getsockname()[1])
         self.socks: list[socket.socket] = []
 
-    def pair(self) -> tuple[socket.socket, socket.socket]:
-        """(client, the server's end) of one relayed connection."""
-        client = socket.create_connection(self.addr, timeout=10)
+    def pair(self, bufsize: int = 0) -> tuple[socket.socket, socket.socket]:
+        """(client, the server's end) of one relayed connection; bufsize: their SO_SNDBUF and SO_RCVBUF."""
+        client = socket.socket(self.family)
         self.socks.append(client)
+        for sock in (client, self.server) if bufsize else ():  # the server's end inherits its listener's
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+        client.settimeout(10)
+        client.connect(self.addr)
         self.server.settimeout(10)
         conn, _ = self.server.accept()
         conn.settimeout(10)
@@ -188,7 +200,9 @@ def test_ipv6(eng):
         s.close()
 
 
-def _pump_concurrently(client, server, up: bytes, down: bytes) -> None:
+def _pump_concurrently(client, server, up: bytes, down: bytes, sent: tuple[int, int] = (0, 0)) -> None:
+    """Send up from client and down from server (but for the first sent bytes of each, sent already),
+    receive each whole at the other end."""
     results = {}
 
     def send(sock, data):
@@ -205,8 +219,8 @@ def _pump_concurrently(client, server, up: bytes, down: bytes) -> None:
             got += len(chunk)
         results[name] = (got, h.hexdigest())
 
-    threads = [threading.Thread(target=send, args=(client, up)),
-               threading.Thread(target=send, args=(server, down)),
+    threads = [threading.Thread(target=send, args=(client, up[sent[0]:])),
+               threading.Thread(target=send, args=(server, down[sent[1]:])),
                threading.Thread(target=receive, args=("up", server, len(up))),
                threading.Thread(target=receive, args=("down", client, len(down)))]
     for t in threads:
@@ -266,23 +280,29 @@ def test_many_connections_at_once(setup):
     assert setup.stats()[:2] == (100, 100)
 
 
-def test_back_pressure_loses_nothing(setup):
-    """The server reads nothing for a while: the client blocks; then every byte arrives."""
-    client, server = setup.pair()
-    client.setblocking(False)
-    data = os.urandom(48 << 20)
+def stuff(sock: socket.socket, data: bytes, quiet: float = 0.5) -> int:
+    """Send data until the path to a peer that reads nothing stays full for `quiet` seconds: how much
+    was sent (the socket left with a 30 s timeout)."""
+    sock.setblocking(False)
     sent = 0
     stalled = time.monotonic()
-    while time.monotonic() - stalled < 0.5:
+    while time.monotonic() - stalled < quiet:
         try:
-            sent += client.send(data[sent:sent + (1 << 20)])
+            sent += sock.send(data[sent:sent + (1 << 20)])
             stalled = time.monotonic()
         except BlockingIOError:
             time.sleep(0.01)
         assert sent < len(data), "the sender never blocked"
+    sock.settimeout(30)
+    return sent
+
+
+def test_back_pressure_loses_nothing(setup):
+    """The server reads nothing for a while: the client blocks; then every byte arrives."""
+    client, server = setup.pair()
+    data = os.urandom(48 << 20)
+    sent = stuff(client, data)
     assert setup.stats()[2] <= sent
-    client.setblocking(True)
-    client.settimeout(30)
     sender = threading.Thread(target=client.sendall, args=(data[sent:],))
     sender.start()
     assert recv_exactly(server, len(data)) == data
@@ -472,9 +492,9 @@ def test_a_refused_connect_is_handed_off_with_its_errno(eng):
         s.close()
 
 
-def test_a_connect_that_hangs_is_handed_off_after_the_timeout(eng):
-    """A server whose accept queue is full drops SYNs: the connect times out (5 s)."""
-    s = Setup(eng, target=False)
+@contextlib.contextmanager
+def hanging_server():
+    """The port of a server whose accept queue is full: it drops SYNs, a connect hangs."""
     full = listening(backlog=0)
     fillers = []
     try:
@@ -485,17 +505,26 @@ def test_a_connect_that_hangs_is_handed_off_after_the_timeout(eng):
                 f.connect(full.getsockname())
             fillers.append(f)
         time.sleep(0.2)
-        eng.set_target(s.lid, socket.AF_INET, LOCAL, full.getsockname()[1])
-        started = time.monotonic()
-        s.socks.append(socket.create_connection(s.addr, timeout=10))
-        [(lid, fd, err)] = wait_handoffs(eng, timeout=20)
-        os.close(fd)
-        assert err == errno.ETIMEDOUT
-        assert time.monotonic() - started >= _engine.CONNECT_TIMEOUT_MS / 1000 - 0.1
+        yield full.getsockname()[1]
     finally:
         for f in fillers:
             f.close()
         full.close()
+
+
+def test_a_connect_that_hangs_is_handed_off_after_the_timeout(eng):
+    """A server whose accept queue is full drops SYNs: the connect times out (5 s)."""
+    s = Setup(eng, target=False)
+    try:
+        with hanging_server() as port:
+            eng.set_target(s.lid, socket.AF_INET, LOCAL, port)
+            started = time.monotonic()
+            s.socks.append(socket.create_connection(s.addr, timeout=10))
+            [(lid, fd, err)] = wait_handoffs(eng, timeout=20)
+            os.close(fd)
+            assert err == errno.ETIMEDOUT
+            assert time.monotonic() - started >= _engine.CONNECT_TIMEOUT_MS / 1000 - 0.1
+    finally:
         s.close()
 
 
@@ -842,6 +871,254 @@ def test_accepting_pauses_when_out_of_fds_and_resumes(setup):
         except (ConnectionResetError, TimeoutError):
             pass
     assert got == relayed
+
+
+# --------------------------------------------------------------------------
+# export and adopt: a successor takes the live connections over
+
+
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT = 1, 4, 5, 8
+LINGER_OFF = b"\0" * 8
+NOTHING = (-1, -1, 0, b"", False)  # a half with no byte pending, not done
+
+
+def sock_state(fd: int) -> tuple[int, bytes, int]:
+    """(TCP state, SO_LINGER, SO_ERROR) of socket fd, read through a dup."""
+    with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as s:
+        return (s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0],
+                s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8), s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+
+def in_pipe(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def check_half(half) -> None:
+    """An exported half: a pipe only if it holds bytes, and then exactly pipe_pending of them."""
+    pr, pw, pending, buffered, done = half
+    assert isinstance(buffered, bytes) and isinstance(done, bool)
+    if pr < 0:
+        assert (pw, pending) == (-1, 0)
+    else:
+        assert stat.S_ISFIFO(os.fstat(pr).st_mode) and stat.S_ISFIFO(os.fstat(pw).st_mode)
+        assert pending > 0 and in_pipe(pr) == pending
+
+
+@contextlib.contextmanager
+def successor():
+    """(engine, lid): a second engine and a listener of its, as a successor process would have."""
+    engine = _engine.Engine()
+    try:
+        with listening() as head:
+            lid = engine.listen(head.fileno())
+        yield engine, lid
+    finally:
+        engine.close()
+
+
+def tcp_pair(bufsize: int = 0) -> tuple[socket.socket, socket.socket]:
+    """(a, b) connected over loopback; bufsize: a's SO_SNDBUF and b's SO_RCVBUF."""
+    with listening() as srv:
+        a = socket.socket()
+        if bufsize:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)  # b inherits it
+        a.settimeout(10)
+        a.connect(srv.getsockname())
+        b = srv.accept()[0]
+    b.settimeout(10)
+    return a, b
+
+
+def test_export_mid_stream_then_adopt_loses_nothing(eng):
+    """Both ways stuffed, nobody reading: the engine holds bytes in its buffers and pipes. Exported, every
+    socket is open, established and untouched; adopted by a second engine, every byte arrives once and in
+    order, and the two engines' byte counters add up to what moved."""
+    s = Setup(eng, rcvbuf=16384)  # the engine's reads from the client stay short: read/write mode
+    sizes = (16 << 20, 48 << 20)  # more than the paths hold (the engine's tail socket may take 32 MB)
+    try:
+        pairs = [s.pair(bufsize=65536) for _ in range(2)]  # small: the engine's buffers fill first
+        data = [(os.urandom(sizes[0]), os.urandom(sizes[1])) for _ in pairs]
+        sent = [(stuff(c, up, 0.3), stuff(srv, down, 0.3)) for (c, srv), (up, down) in zip(pairs, data)]
+        relayed, clients = eng.export(s.lid)
+        assert clients == [] and len(relayed) == 2
+        assert s.stats()[:2] == (0, 2)
+        for client_fd, tail_fd, up, down, last_ms_ago in relayed:
+            for fd in (client_fd, tail_fd):
+                assert sock_state(fd) == (TCP_ESTABLISHED, LINGER_OFF, 0)
+            check_half(up)
+            check_half(down)
+            assert not up[4] and not down[4] and 0 <= last_ms_ago < 60_000
+            assert up[0] < 0 and up[3]  # short reads: what the tail did not take is in the buffer
+            assert down[2] or down[3]
+        assert any(down[2] for _, _, _, down, _ in relayed)  # bulk reads: spliced, bytes in the pipe
+        with successor() as (eng2, lid2):
+            for r in relayed:
+                eng2.adopt(lid2, *r[:4])
+            assert eng2.stats(lid2)[:2] == (2, 2)
+            for (client, server), (up, down), done in zip(pairs, data, sent):
+                _pump_concurrently(client, server, up, down, done)
+            wait_for(lambda: [a + b for a, b in zip(s.stats()[2:4], eng2.stats(lid2)[2:4])] == [2 * n for n in sizes],
+                     what="each byte counted once")
+            for client, server in pairs:
+                client.shutdown(socket.SHUT_WR)
+                assert outcome(server) == "eof"
+                server.shutdown(socket.SHUT_WR)
+                assert outcome(client) == "eof"
+            wait_for(lambda: eng2.stats(lid2)[0] == 0, what="the adopted relays closed")
+    finally:
+        s.close()
+
+
+def test_a_half_closed_connection_exported_flows_on_the_other_way(setup):
+    client, server = setup.pair(bufsize=65536)
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    assert recv_exactly(server, 7) == b"request"
+    assert outcome(server) == "eof"
+    reply = os.urandom(48 << 20)
+    sent = stuff(server, reply, 0.3)  # the client reads nothing yet
+    [(client_fd, tail_fd, up, down, _)], [] = setup.eng.export(setup.lid)
+    assert up == (-1, -1, 0, b"", True)  # EOF passed on
+    check_half(down)
+    assert not down[4] and (down[2] or down[3])
+    assert sock_state(client_fd)[0] == TCP_CLOSE_WAIT  # the client's FIN came
+    assert sock_state(tail_fd)[0] in (TCP_FIN_WAIT1, TCP_FIN_WAIT2)  # the engine's went
+    with successor() as (eng2, lid2):
+        eng2.adopt(lid2, client_fd, tail_fd, up, down)
+        sender = threading.Thread(target=server.sendall, args=(reply[sent:],))
+        sender.start()
+        assert hashlib.sha256(recv_exactly(client, len(reply))).digest() == hashlib.sha256(reply).digest()
+        sender.join()
+        server.shutdown(socket.SHUT_WR)
+        assert outcome(client) == "eof"
+        wait_for(lambda: eng2.stats(lid2)[0] == 0, what="both EOFs: closed")
+        assert eng2.stats(lid2)[:3] == (0, 1, 0)
+        assert setup.stats()[3] + eng2.stats(lid2)[3] == len(reply)
+
+
+def test_a_client_whose_tail_connect_is_in_progress_is_exported_alone(eng):
+    s = Setup(eng, target=False)
+    try:
+        with hanging_server() as port:
+            eng.set_target(s.lid, socket.AF_INET, LOCAL, port)
+            client = socket.create_connection(s.addr, timeout=10)
+            s.socks.append(client)
+            client.sendall(b"early")
+            wait_for(lambda: s.stats()[:2] == (1, 1), what="the client accepted")
+            before = len(open_fds())
+            relayed, [fd] = eng.export(s.lid)
+            assert len(open_fds()) == before - 2  # the tail being connected, the engine's listening dup
+        assert relayed == []
+        with socket.socket(fileno=fd) as handed:
+            assert sock_state(fd) == (TCP_ESTABLISHED, LINGER_OFF, 0)
+            assert handed.getpeername() == client.getsockname()
+            assert handed.recv(5) == b"early"
+            handed.sendall(b"still here")
+            assert recv_exactly(client, 10) == b"still here"
+        assert s.stats() == (0, 1, 0, 0, 0)
+        assert eng.handoffs() == []
+    finally:
+        s.close()
+
+
+def test_export_without_relayed_connections_and_lid_afterwards(eng):
+    """([], []); the listening socket is Python's (a new client waits in its backlog); a client handed off
+    stays open until dropped(); relay, adopt and export refused; stats, dropped and unlisten go on."""
+    head = listening()
+    lid = eng.listen(head.fileno())
+    clients = [socket.create_connection(head.getsockname(), timeout=10)]
+    try:
+        [(_, fd, _)] = wait_handoffs(eng)
+        assert eng.export(lid) == ([], [])
+        assert eng.stats(lid) == (1, 1, 0, 0, 0)
+        for call in (lambda: eng.export(lid), lambda: eng.relay(lid, fd, 1000),
+                     lambda: eng.adopt(lid, fd, 1000, NOTHING, NOTHING)):
+            with pytest.raises(ValueError, match="exported"):
+                call()
+        os.close(fd)
+        eng.dropped(lid)
+        assert eng.stats(lid) == (0, 1, 0, 0, 0)
+        clients.append(socket.create_connection(head.getsockname(), timeout=10))
+        time.sleep(0.2)
+        assert eng.stats(lid)[1] == 1 and eng.handoffs() == []
+        head.settimeout(5)
+        head.accept()[0].close()
+        eng.unlisten(lid)
+        with pytest.raises(ValueError):
+            eng.stats(lid)
+    finally:
+        for c in clients:
+            c.close()
+        head.close()
+
+
+def test_adopt_writes_buffered_then_the_pipe_then_reads_on_and_counts():
+    client, client_end = tcp_pair()  # *_end: the engine's sockets
+    tail_end, server = tcp_pair()
+    done_a, done_b = tcp_pair()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.write(w, b" world")
+    ends = (client_end, tail_end, done_a, done_b)
+    try:
+        with successor() as (eng, lid):
+            eng.add_stats(lid, 5, 100, 200, 3)
+            assert eng.stats(lid) == (0, 5, 100, 200, 3)
+            for bad in ((r, w, 5, b"", False), (r, -1, 6, b"", False), (-1, -1, 1, b"", False),
+                        (-1, -1, 0, b"x", True), (r, w, 6, "str", False)):
+                with pytest.raises((ValueError, TypeError)):
+                    eng.adopt(lid, client_end.fileno(), tail_end.fileno(), bad, NOTHING)
+            with pytest.raises(ValueError, match="no listener"):
+                eng.adopt(lid + 1, client_end.fileno(), tail_end.fileno(), NOTHING, NOTHING)
+            with pytest.raises(ValueError):
+                eng.add_stats(lid, -1, 0, 0, 0)
+            assert in_pipe(r) == 6 and eng.stats(lid)[:2] == (0, 5)  # refused: nothing taken, nothing read
+            for sock in ends:
+                sock.setblocking(False)
+            eng.adopt(lid, client_end.detach(), tail_end.detach(), (r, w, 6, b"hello", False), (-1, -1, 0, b"back", False))
+            assert eng.stats(lid)[:2] == (1, 6)
+            client.sendall(b"!")
+            assert recv_exactly(server, 12) == b"hello world!"
+            assert recv_exactly(client, 4) == b"back"
+            big = os.urandom(4 << 20)  # on through a pipe of the pool (the adopted one, emptied)
+            _pump_concurrently(client, server, big, big[::-1])
+            counted(lambda: eng.stats(lid), (1, 6, 112 + len(big), 204 + len(big), 3))
+            for sock in (done_a, done_b):  # both halves done: closed at once
+                sock.shutdown(socket.SHUT_WR)
+            q, v = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # an empty pipe of a done half: the engine's too
+            eng.adopt(lid, done_a.detach(), done_b.detach(), (q, v, 0, b"", True), (-1, -1, 0, b"", True))
+            client.close()
+            server.close()
+            wait_for(lambda: eng.stats(lid)[:2] == (0, 7), what="both relays closed")
+    finally:
+        for sock in (client, server, *ends):
+            sock.close()
+
+
+def test_a_buffer_written_in_part_is_exported_from_where_it_stopped():
+    """An adopted buffer of 1 MiB toward a destination that takes ~16 KiB, exported again: buffered is
+    exactly what the counters say was not written (the buffer's offset); a third engine writes it."""
+    client, client_end = tcp_pair()  # *_end: the engines'
+    tail_end, server = tcp_pair(bufsize=4096)
+    first = os.urandom(1 << 20)
+    try:
+        with successor() as (eng2, lid2), successor() as (eng3, lid3):
+            for sock in (client_end, tail_end):
+                sock.setblocking(False)
+            eng2.adopt(lid2, client_end.detach(), tail_end.detach(), (-1, -1, 0, first, False), NOTHING)
+            wait_for(lambda: eng2.stats(lid2)[2] > 0, what="bytes written")
+            time.sleep(0.2)
+            [(client_fd, tail_fd, up, down, _)], [] = eng2.export(lid2)
+            written = eng2.stats(lid2)[2]  # final: the export ran after the engine's last write
+            assert 0 < written < len(first)
+            assert up == (-1, -1, 0, first[written:], False) and down == NOTHING
+            eng3.adopt(lid3, client_fd, tail_fd, up, down)
+            client.sendall(b"and on")
+            assert recv_exactly(server, len(first) + 6) == first + b"and on"
+            counted(lambda: eng3.stats(lid3), (1, 1, len(first) - written + 6, 0, 0))
+    finally:
+        for sock in (client, server, client_end, tail_end):
+            sock.close()
 
 
 # --------------------------------------------------------------------------

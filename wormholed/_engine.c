@@ -47,6 +47,21 @@
  *   relayed connections are in `idle` (by `timer`), each moved to the tail
  *   when bytes move: oldest activity first. sweep() resets both sides of those
  *   idle for idle_ms, at most SWEEP_MS late. Timers read e->now, set per batch.
+ * - Export and adopt (a successor process takes the connections over). The
+ *   EXPORT command takes lid's listener off the epoll set, closes our dup of
+ *   it and moves each connection, struct and all, out of every list and the
+ *   epoll set to the command, uncounted from open: no socket is closed, shut
+ *   down or touched (a tail still connecting, which never carried a byte, is
+ *   closed; its client goes alone). A half's pending bytes are exact (in buf,
+ *   else in its pipe; never both); an empty pipe goes back to the pool. Its
+ *   other state the sockets keep: a registration reports RDHUP/ERR again, a
+ *   successor meets splice's EINVAL (nosplice) again and loses no byte.
+ *   Python then owns every fd of those connections. `exported` (under mu,
+ *   set when export() posts) makes relay(), adopt() and export() of the lid
+ *   raise; the listener lives on for stats(), dropped() and unlisten().
+ *   ADOPT is RELAY with the halves' state: adopt() builds the conn (bytes of
+ *   the pipe read behind buffered ones, so the invariant holds) and counts
+ *   it; the engine thread links it to the listener and registers it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -62,6 +77,7 @@
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -99,6 +115,7 @@ struct listener {
     struct link table;       /* Python's table of lids (mu) */
     struct link active;      /* the engine's listeners */
     int lid, fd, registered; /* fd: our dup of the listening socket; registered: in the epoll set */
+    int exported;            /* export() posted (mu): relay(), adopt() and export() refused */
     int has_target, family, netns; /* netns: our dup, -1: the engine's home */
     int max_conns, idle_ms;  /* set_limits; 0: none */
     socklen_t alen;
@@ -125,16 +142,17 @@ struct conn {
     struct half h[2];
     struct listener *l;
     struct link node, timer; /* node: in l->conns, in e->dead once closed; timer: in e->connecting, l->idle */
-    int64_t at;              /* connecting: the connect's deadline; relayed: when bytes last moved */
+    int64_t at;              /* connecting: the connect's deadline; relayed: when bytes last moved (or the relay began) */
 };
 
-enum { C_LISTEN, C_TARGET, C_CLEAR, C_LIMITS, C_RELAY, C_UNLISTEN, C_STOP };
+enum { C_LISTEN, C_TARGET, C_CLEAR, C_LIMITS, C_RELAY, C_ADOPT, C_EXPORT, C_UNLISTEN, C_STOP };
 struct cmd {
     struct cmd *next;
     int op, sync, done, err, a, b, family; /* a, b: relay's fds, limits; a: target's netns fd */
     struct listener *l;
     socklen_t alen;
     struct sockaddr_storage addr;
+    struct link conns;       /* by node: adopt's connection (in no listener yet), export's exported ones */
 };
 
 struct handoff { int lid, fd, err; };
@@ -265,12 +283,12 @@ static void close_conn(struct engine *e, struct conn *c, int reset) {
     release(e, c);
 }
 
-static struct conn *new_conn(struct listener *l, int client, int tail) {
+static struct conn *new_conn(struct listener *l, int client, int tail) { /* l NULL: adopt()'s, linked later */
     struct conn *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->fd[0] = client, c->fd[1] = tail, c->l = l;
     for (int d = 0; d < 2; d++) c->h[d].pr = c->h[d].pw = -1, c->h[d].dir = (uint8_t)d;
-    l_add(&l->conns, &c->node);
+    if (l) l_add(&l->conns, &c->node);
     return c;
 }
 
@@ -287,8 +305,9 @@ static void queue(struct engine *e, struct half *h) { if (!h->queued) h->queued 
 
 /* Bytes moved (or the relay began): c goes to the tail of its listener's idle list, if it has one. */
 static void touch(struct engine *e, struct conn *c) {
+    c->at = e->now;
     if (!c->l->idle_ms) return;
-    l_del(&c->timer), l_add(&c->l->idle, &c->timer), c->at = e->now;
+    l_del(&c->timer), l_add(&c->l->idle, &c->timer);
     e->sweep_at = Py_MIN(e->sweep_at, c->at + c->l->idle_ms);
 }
 
@@ -505,6 +524,34 @@ static void unlisten_l(struct engine *e, struct listener *l) {
     pthread_mutex_unlock(&e->mu);
 }
 
+/* export(): c leaves the engine untouched, its struct and all, for Python (on out); the tail of a
+   connect in progress, which never carried a byte, is closed and the client goes alone. What the halves
+   hold is exact: bytes in buf, else in the pipe (pump never has both); an empty pipe goes back to the
+   pool. The rest of a half's state the sockets keep: adopt's registration reports RDHUP/ERR again,
+   and a successor finds EINVAL (nosplice) again without losing a byte; its ready queue is an edge. */
+static void export_conn(struct engine *e, struct conn *c, struct link *out) {
+    for (int s = 0; s < 2; s++)
+        if (c->reg[s]) epoll_ctl(e->ep, EPOLL_CTL_DEL, c->fd[s], NULL), c->reg[s] = 0;
+    if (c->connecting) close(c->fd[1]), c->fd[1] = -1;
+    l_del(&c->node), l_del(&c->timer);
+    for (int d = 0; d < 2; d++) {
+        struct half *h = &c->h[d];
+        l_del(&h->ready), l_del(&h->parked), h->queued = 0;
+        if (h->buf || !h->pending) release_pipe(e, h);
+    }
+    count(c->l, OPEN, -1);
+    l_add(out, &c->node);
+}
+
+/* Stop accepting (our dup of the listening socket closed: Python has its own) and export every
+   connection; the counters stay, and those of the handoffs Python has not given back. */
+static void export_l(struct engine *e, struct listener *l, struct link *out) {
+    listener_off(e, l), l_del(&l->backoff);
+    if (l->fd >= 0) close(l->fd), l->fd = -1;
+    drop_spares(l);
+    while (!l_empty(&l->conns)) export_conn(e, OF(l->conns.next, struct conn, node), out);
+}
+
 /* ---- the engine thread ---- */
 
 static void run_command(struct engine *e, struct cmd *c) {
@@ -534,8 +581,17 @@ static void run_command(struct engine *e, struct cmd *c) {
             break;
         }
         setsockopt(c->b, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (watch(e, conn, 0) < 0 || watch(e, conn, 1) < 0) close_conn(e, conn, 1);
-        else touch(e, conn);
+        connected(e, conn);
+        break;
+    case C_ADOPT: /* counted by adopt(); a done half's pipe is empty */
+        conn = OF(c->conns.next, struct conn, node), conn->l = l;
+        l_del(&conn->node), l_add(&l->conns, &conn->node);
+        for (int d = 0; d < 2; d++) if (conn->h[d].done) release_pipe(e, &conn->h[d]);
+        if (conn->h[0].done && conn->h[1].done) close_conn(e, conn, 0);
+        else connected(e, conn);
+        break;
+    case C_EXPORT:
+        export_l(e, l, &c->conns);
         break;
     case C_UNLISTEN:
         unlisten_l(e, l);
@@ -668,11 +724,16 @@ static struct listener *find(struct engine *e, int lid) { /* under mu */
     return NULL;
 }
 
-/* lid's listener with mu held, or NULL (mu released) with ValueError set. */
-static struct listener *locked(struct engine *e, int lid) {
+/* lid's listener with mu held, or NULL (mu released) with ValueError set: no such lid, or (live) it
+   was exported. */
+static struct listener *locked(struct engine *e, int lid, int live) {
     pthread_mutex_lock(&e->mu);
     struct listener *l = find(e, lid);
-    if (!l) pthread_mutex_unlock(&e->mu), PyErr_Format(PyExc_ValueError, "no listener %d", lid);
+    if (!l || (live && l->exported)) {
+        pthread_mutex_unlock(&e->mu);
+        PyErr_Format(PyExc_ValueError, l ? "listener %d was exported" : "no listener %d", lid);
+        return NULL;
+    }
     return l;
 }
 
@@ -691,11 +752,13 @@ static int wait_done(struct engine *e, struct cmd *c) {
     return c->err;
 }
 
-/* Look lid up and post c for it (sync: wait); -1 with ValueError if there is no such lid. */
+/* Look lid up and post c for it (sync: wait); -1 with ValueError if there is no such lid, or if
+   it was exported and c is a relay or an export. */
 static int command(EngineObject *self, int lid, struct cmd *c, int drop) {
     struct engine *e = self->e;
     int sync = c->sync; /* once posted, an async command is the engine's to free */
-    if (!(c->l = locked(e, lid))) return -1;
+    if (!(c->l = locked(e, lid, c->op == C_RELAY || c->op == C_EXPORT))) return -1;
+    c->l->exported |= c->op == C_EXPORT;
     if (drop) l_del(&c->l->table);
     post(e, c);
     pthread_mutex_unlock(&e->mu);
@@ -863,6 +926,112 @@ static PyObject *Engine_relay(EngineObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* (pipe_r, pipe_w, pipe_pending, buffered, done) of an exported half */
+static PyObject *half_state(const struct half *h) {
+    return Py_BuildValue("(iiIy#O)", h->pr, h->pw, h->buf ? 0 : h->pending, h->buf ? h->buf + h->off : "",
+                         (Py_ssize_t)(h->buf ? h->pending : 0), h->done ? Py_True : Py_False);
+}
+
+/* Free export's connections; reset: their fds too (they could not reach Python). */
+static void free_exported(struct link *out, int reset) {
+    while (!l_empty(out)) {
+        struct conn *c = OF(out->next, struct conn, node);
+        l_del(&c->node);
+        for (int i = 0; i < 2; i++) {
+            if (reset && c->fd[i] >= 0) abort_fd(c->fd[i]);
+            if (reset && c->h[i].pr >= 0) close(c->h[i].pr), close(c->h[i].pw);
+            free(c->h[i].buf);
+        }
+        free(c);
+    }
+}
+
+static PyObject *Engine_export(EngineObject *self, PyObject *args) {
+    struct cmd c = {.op = C_EXPORT, .sync = 1};
+    PyObject *relayed, *clients, *res = NULL;
+    int lid;
+    if (!PyArg_ParseTuple(args, "i:export", &lid) || !check_open(self)) return NULL;
+    l_init(&c.conns);
+    if (command(self, lid, &c, 0) < 0) return NULL;
+    int64_t now = now_ms();
+    relayed = PyList_New(0), clients = PyList_New(0);
+    for (struct link *n = c.conns.next; relayed && clients && n != &c.conns; n = n->next) {
+        struct conn *k = OF(n, struct conn, node);
+        PyObject *item = k->fd[1] < 0 ? PyLong_FromLong(k->fd[0])
+            : Py_BuildValue("(iiNNL)", k->fd[0], k->fd[1], half_state(&k->h[0]), half_state(&k->h[1]),
+                            (long long)(now - k->at));
+        if (!item || PyList_Append(k->fd[1] < 0 ? clients : relayed, item) < 0) Py_CLEAR(relayed);
+        Py_XDECREF(item);
+    }
+    if (relayed && clients) res = PyTuple_Pack(2, relayed, clients);
+    Py_XDECREF(relayed), Py_XDECREF(clients);
+    free_exported(&c.conns, !res);
+    return res;
+}
+
+static PyObject *Engine_adopt(EngineObject *self, PyObject *args) {
+    struct engine *e = self->e;
+    PyObject *state[2];
+    const char *bytes[2];
+    Py_ssize_t nb[2];
+    int lid, client, tail, pr, pw, piped, done, avail;
+    if (!PyArg_ParseTuple(args, "iiiO!O!:adopt", &lid, &client, &tail, &PyTuple_Type, &state[0], &PyTuple_Type,
+                          &state[1]) || !check_open(self))
+        return NULL;
+    if (client < 0 || tail < 0 || client == tail) return PyErr_Format(PyExc_ValueError, "bad fds");
+    struct cmd *c = calloc(1, sizeof *c);
+    struct conn *k = new_conn(NULL, client, tail);
+    if (!c || !k) goto nomem;
+    for (int d = 0; d < 2; d++) { /* a half in read/write mode holds bytes in buf only: the pipe's go after */
+        struct half *h = &k->h[d];
+        if (!PyArg_ParseTuple(state[d], "iiiy#p:adopt", &pr, &pw, &piped, &bytes[d], &nb[d], &done)) goto fail;
+        if ((pr < 0) != (pw < 0) || piped < 0 || (pr < 0 && piped) || (done && (piped || nb[d])) ||
+            (uint64_t)nb[d] + (uint64_t)piped > UINT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "bad state of the %s half", d ? "down" : "up");
+            goto fail;
+        }
+        if (pr >= 0 && ioctl(pr, FIONREAD, &avail) < 0) { os_error(errno); goto fail; }
+        if (pr >= 0 && avail != piped) {
+            PyErr_Format(PyExc_ValueError, "the %s half's pipe holds %d bytes, not %d", d ? "down" : "up", avail, piped);
+            goto fail;
+        }
+        h->pr = pr, h->pw = pw, h->done = (uint8_t)done, h->pending = (uint32_t)(nb[d] + piped);
+        if (nb[d] && !(h->buf = malloc(h->pending))) goto nomem;
+        if (nb[d]) memcpy(h->buf, bytes[d], (size_t)nb[d]);
+    }
+    if (!(c->l = locked(e, lid, 1))) goto fail;
+    for (int d = 0; d < 2; d++) /* commit: the pipe's bytes after buffered (FIONREAD counted them) */
+        for (uint32_t got = (uint32_t)nb[d]; k->h[d].buf && got < k->h[d].pending;) {
+            ssize_t n = read(k->h[d].pr, k->h[d].buf + got, k->h[d].pending - got);
+            if (n <= 0) { pthread_mutex_unlock(&e->mu), os_error(n < 0 ? errno : EIO); goto fail; }
+            got += (uint32_t)n;
+        }
+    c->op = C_ADOPT;
+    l_init(&c->conns), l_add(&c->conns, &k->node);
+    count(c->l, TOTAL, 1), count(c->l, OPEN, 1);
+    post(e, c);
+    pthread_mutex_unlock(&e->mu);
+    Py_RETURN_NONE;
+nomem:
+    PyErr_NoMemory();
+fail: /* Python still owns the fds */
+    if (k) free(k->h[0].buf), free(k->h[1].buf);
+    free(k), free(c);
+    return NULL;
+}
+
+static PyObject *Engine_add_stats(EngineObject *self, PyObject *args) {
+    long long n[4];
+    int lid;
+    struct listener *l;
+    if (!PyArg_ParseTuple(args, "iLLLL:add_stats", &lid, &n[0], &n[1], &n[2], &n[3]) || !check_open(self)) return NULL;
+    if (n[0] < 0 || n[1] < 0 || n[2] < 0 || n[3] < 0) return PyErr_Format(PyExc_ValueError, "counts must be >= 0");
+    if (!(l = locked(self->e, lid, 0))) return NULL;
+    count(l, TOTAL, n[0]), count(l, BYTES_IN, n[1]), count(l, BYTES_OUT, n[2]), count(l, REFUSED, n[3]);
+    pthread_mutex_unlock(&self->e->mu);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_handoffs(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
     struct engine *e = self->e;
     uint64_t v;
@@ -892,7 +1061,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *args) {
     long long s[NCOUNTS];
     int lid;
     struct listener *l;
-    if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self) || !(l = locked(self->e, lid))) return NULL;
+    if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self) || !(l = locked(self->e, lid, 0))) return NULL;
     for (int i = 0; i < NCOUNTS; i++) s[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
     pthread_mutex_unlock(&self->e->mu);
     return Py_BuildValue("(LLLLL)", s[OPEN], s[TOTAL], s[BYTES_IN], s[BYTES_OUT], s[REFUSED]);
@@ -901,7 +1070,7 @@ static PyObject *Engine_stats(EngineObject *self, PyObject *args) {
 static PyObject *Engine_dropped(EngineObject *self, PyObject *args) {
     int lid;
     struct listener *l;
-    if (!PyArg_ParseTuple(args, "i:dropped", &lid) || !check_open(self) || !(l = locked(self->e, lid))) return NULL;
+    if (!PyArg_ParseTuple(args, "i:dropped", &lid) || !check_open(self) || !(l = locked(self->e, lid, 0))) return NULL;
     uncount(l);
     pthread_mutex_unlock(&self->e->mu);
     Py_RETURN_NONE;
@@ -933,6 +1102,9 @@ static PyMethodDef Engine_methods[] = { /* documented in the module's docstring 
     {"clear_target", (PyCFunction)Engine_clear_target, METH_VARARGS, "clear_target(lid)"},
     {"set_limits", (PyCFunction)Engine_set_limits, METH_VARARGS, "set_limits(lid, max_conns, idle_ms)"},
     {"relay", (PyCFunction)Engine_relay, METH_VARARGS, "relay(lid, client_fd, tail_fd)"},
+    {"export", (PyCFunction)Engine_export, METH_VARARGS, "export(lid) -> (relayed, clients)"},
+    {"adopt", (PyCFunction)Engine_adopt, METH_VARARGS, "adopt(lid, client_fd, tail_fd, up, down)"},
+    {"add_stats", (PyCFunction)Engine_add_stats, METH_VARARGS, "add_stats(lid, total, bytes_in, bytes_out, refused)"},
     {"handoffs", (PyCFunction)Engine_handoffs, METH_NOARGS, "handoffs() -> [(lid, client_fd, err)]"},
     {"dropped", (PyCFunction)Engine_dropped, METH_VARARGS, "dropped(lid)"},
     {"stats", (PyCFunction)Engine_stats, METH_VARARGS, "stats(lid) -> (open, total, bytes_in, bytes_out, refused)"},
@@ -977,6 +1149,26 @@ PyDoc_STRVAR(module_doc,
 "eng.dropped(lid)        Python closed a client lid handed off (instead of relay())\n"
 "eng.stats(lid) -> (open, total, bytes client->tail, bytes tail->client, refused)\n"
 "                        open: connecting, relayed, or handed off and not dropped()\n"
+"eng.export(lid) -> (relayed, clients)  lid's connections leave the engine, none closed, shut down\n"
+"                        or reset, no socket option changed: for a successor. lid stops accepting\n"
+"                        (the engine closes its dup: Python's listening socket is untouched) and\n"
+"                        refuses relay(), adopt() and export() since (ValueError); stats(),\n"
+"                        dropped() and unlisten() go on: open then counts only the clients handed\n"
+"                        off and not dropped() yet (handoffs not taken stay queued for Python).\n"
+"                        Python owns every fd returned. relayed: [(client_fd, tail_fd, up, down,\n"
+"                        last_ms_ago)], up client->tail, down tail->client, each half\n"
+"                        (pipe_r, pipe_w, pipe_pending, buffered, done): bytes read, not yet\n"
+"                        written, are `buffered` (bytes) first, then pipe_pending in the pipe\n"
+"                        (-1, -1: none; one is only exported holding bytes); done: EOF passed on,\n"
+"                        the destination shut for writing. clients: client fds whose tail connect\n"
+"                        was in progress (the tail closed: it never carried a byte)\n"
+"eng.adopt(lid, client_fd, tail_fd, up, down)  relay() of a pair with its halves as export()\n"
+"                        gives them: writes buffered, then the pipe's bytes, then reads on; a\n"
+"                        done half never reads again. Counted open and in total (a successor's\n"
+"                        add_stats() then adds its predecessor's total less what it adopts); the\n"
+"                        idle clock starts anew. The engine owns the sockets and pipes once it\n"
+"                        returns, Python does after an exception (the pipe's bytes unread)\n"
+"eng.add_stats(lid, total, bytes_in, bytes_out, refused)  add to lid's counters\n"
 "eng.unlisten(lid)       stop accepting, reset lid's connections and its handoffs not taken,\n"
 "                        forget lid (stats too); returns once done\n"
 "eng.close()             unlisten all, join the thread, close everything; idempotent\n"
