@@ -80,6 +80,9 @@ def test_socket_activation_over_tcp_and_unix(make_host):
     # the first connection starts the daemon; the CLI's own 5 s connect timeout covers that
     r = h.wormhole("ping", host="tcp://127.0.0.1:9999")
     assert r.returncode == 0, r.stderr + h.logs()
+    deadline = time.monotonic() + 10 * SLOW  # the control socket answers before start-up is logged
+    while "listening on 2 socket(s)" not in h.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "listening on 2 socket(s) from systemd" in h.logs()
     h.echo_server(7000)
     r = h.wormhole("create", "url", ":8000", "tail", "url", ":7000", host=f"unix://{path}")

@@ -177,7 +177,9 @@ class ControlServer:
         kw = dict(sock=sock, ssl=self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
                   limit=protocol.MAX_LINE + 2)
         if sock.family == socket.AF_UNIX:
-            server = await asyncio.start_unix_server(self._handle, **kw)
+            # cleanup_socket=False: the socket file is the daemon's to remove (main.py), not the
+            # server's when it closes: at a handover the successor serves the same file.
+            server = await asyncio.start_unix_server(self._handle, cleanup_socket=False, **kw)
         else:
             server = await asyncio.start_server(self._handle, **kw)
         self._servers.append(server)
@@ -196,6 +198,7 @@ class ControlServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
+        self._servers.clear()  # serve() may start again (a handover that did not happen)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -113,10 +113,12 @@ class Docker:
         except (Failed, Refused) as e:
             log.error("could not remove container %s: %s", cid[:12], e)
 
-    async def remove_strays(self, timeout: float = 10) -> int:
-        """Remove containers this daemon started and did not remove (it died)."""
+    async def remove_strays(self, timeout: float = 10, keep: frozenset[str] = frozenset()) -> int:
+        """Remove containers this daemon started and did not remove (it died), but those in
+        `keep` (ids: a predecessor's, handed over with their wormholes)."""
         def sweep():
             found = self._api().containers.list(all=True, filters={"label": f"{LABEL_DAEMON}={self.daemon_id}"})
+            found = [c for c in found if c.id not in keep]
             for container in found:
                 _remove(container)
             return len(found)

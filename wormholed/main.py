@@ -30,6 +30,9 @@ from wormhole.spec import SpecError, parse_count, parse_duration
 
 from . import systemd
 from .api import ControlServer, methods
+from .handover import takeover, transfer
+from .handover.daemon import adopt_wormholes, containers_of, export_wormholes
+from .handover.record import STATE_NAME, FdTable, HandoverError, decode, encode, fd_name
 from .docker import Docker
 from .limits import Defaults
 from .metrics import Exporter, format_addr, parse_addr
@@ -59,6 +62,19 @@ class Config:
     inherited: list = field(default_factory=list)  # sockets from systemd
     limits: Defaults = Defaults()
     metrics: tuple[str | None, int] | None = None  # --metrics: (host, None for every address; port)
+    takeover: bool = False  # --takeover: take the running daemon's listeners and connections
+    fd_store: bool = False  # --fd-store: on SIGTERM, leave them in systemd's fd store
+    stored: tuple[bytes, list[int]] | None = None  # a handover systemd's fd store gave back
+
+
+@dataclass
+class Handover:
+    """What a predecessor handed over: the decoded record, its fds in table order, and the
+    names to take out of systemd's fd store once adopted (none after --takeover)."""
+
+    state: dict
+    fds: list[int]
+    store_names: list[str] = field(default_factory=list)
 
 
 class StartError(Exception):
@@ -129,18 +145,65 @@ def start_engine() -> EngineHub | None:
 async def run(config: Config) -> None:
     raise_fd_limit()
     state = StateDir(config.state_dir)
+    handover = None
     try:
         state.ensure()
-        state.lock()
+        if config.takeover:
+            handover = await _take_over(config, state)
+        else:
+            state.lock()
     except (RecordError, StateLocked) as e:
         raise StartError(str(e)) from None
+    if handover is None and config.stored is not None:
+        handover = _from_store(*config.stored)
     try:
-        await _run(config, state)
+        await _run(config, state, handover)
     finally:
         state.unlock()
 
 
-async def _run(config: Config, state: StateDir) -> None:
+async def _take_over(config: Config, state: StateDir) -> Handover:
+    """Ask the running daemon for everything; once it is ours, wait for it to exit (its exit
+    releases the state dir's lock)."""
+    try:
+        record, fds, commit = await asyncio.to_thread(takeover.request, config.state_dir)
+    except HandoverError as e:
+        raise StartError(f"cannot take over: {e}") from None
+    commit()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + takeover.TIMEOUT
+    while True:
+        try:
+            state.lock()
+            break
+        except StateLocked:
+            if loop.time() > deadline:
+                raise StartError("the wormholed that handed over did not exit") from None
+            await asyncio.sleep(0.01)
+    log.info("took over %d wormhole(s), %d fds from pid %s", len(record["wormholes"]), len(fds),
+             record.get("from", {}).get("pid"))
+    return Handover(record, fds)
+
+
+def _from_store(record: bytes, fds: list[int] | None) -> Handover | None:
+    """The handover systemd's fd store held (a restart under systemd), if it can be taken."""
+    names = [fd_name(i) for i in range(len(fds or ()))] + [STATE_NAME]
+    try:
+        if fds is None:
+            raise HandoverError("some of its fds did not come back")
+        state = decode(record, len(fds))
+    except HandoverError as e:
+        log.error("the fd store held a handover that cannot be taken (%s); its connections are closed", e)
+        for fd in fds or ():
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            transfer.unstore(os.environ.get("NOTIFY_SOCKET", ""), names)
+        return None
+    log.info("took over %d wormhole(s), %d fds from systemd's fd store", len(state["wormholes"]), len(fds))
+    return Handover(state, fds, names)
+
+
+async def _run(config: Config, state: StateDir, handover: Handover | None = None) -> None:
     daemon_id = state.daemon_id()
     docker = Docker(daemon_id)
     peers = Peers(config.key)
@@ -152,49 +215,103 @@ async def _run(config: Config, state: StateDir) -> None:
     control = ControlServer(methods(wormholes, peers, tunnels), config.key)
     socks = list(config.inherited)
     made = []
-    monitor = None
-    exporter = None
-    try:
-        for addr in config.addrs:
-            try:
-                socks.append(bind(addr))
-            except OSError as e:
-                raise StartError(f"cannot listen on {addr}: {e.strerror or e}") from None
-            if addr.kind == "unix":
-                made.append(addr.path)
-        for sock in socks:
-            await control.serve(sock)
+    tasks: dict[str, object] = {"monitor": None, "exporter": None}  # what a handover stops and restarts
+    server = None
+
+    def start_metrics() -> None:
         if config.metrics is not None:
-            exporter = Exporter(wormholes, tunnels, control)
+            exporter = tasks["exporter"] = Exporter(wormholes, tunnels, control)
             try:
                 exporter.start(*config.metrics)
             except OSError as e:
                 raise StartError(f"cannot serve metrics on {format_addr(*config.metrics)}: "
                                  f"{e.strerror or e}") from None
             log.info("metrics on http://%s/metrics", format_addr(*config.metrics))
+
+    async def stop_serving() -> None:
+        if tasks["exporter"] is not None:
+            await tasks["exporter"].aclose()
+            tasks["exporter"] = None
+        if tasks["monitor"] is not None:
+            tasks["monitor"].cancel()
+        await control.aclose()
+        if tasks["monitor"] is not None:
+            await asyncio.gather(tasks["monitor"], return_exceptions=True)
+            tasks["monitor"] = None
+
+    async def export() -> tuple[bytes, list[int]]:
+        """Stop serving and describe everything for a successor (handover/)."""
+        table = FdTable()
+        control_fds = [table.add(os.dup(sock.fileno())) for sock in socks if sock.fileno() >= 0]
+        await stop_serving()
+        entries = await export_wormholes(wormholes, table)
+        record = encode({"from": {"pid": os.getpid(), "daemon": daemon_id}, "fds": len(table.fds),
+                         "control": control_fds, "wormholes": entries})
+        return record, table.fds
+
+    async def adopt(given: Handover) -> frozenset[str]:
+        have = {(s.family, s.getsockname()) for s in socks if s.fileno() >= 0}
+        for i in given.state["control"]:
+            sock = socket.socket(fileno=given.fds[i])
+            if (sock.family, sock.getsockname()) in have:  # systemd passed it again (its .socket unit)
+                sock.close()
+                continue
+            socks.append(sock)
+            await control.serve(sock)
+            if sock.family == socket.AF_UNIX and isinstance(sock.getsockname(), str) and sock.getsockname():
+                made.append(sock.getsockname())
+        return await adopt_wormholes(wormholes, given.state["wormholes"], given.fds, log)
+
+    async def resume(record: bytes, fds: list[int]) -> None:
+        """A successor did not take what export() gave: take it back, as a successor would."""
+        wormholes.forget()
+        await adopt(Handover(decode(record, len(fds)), fds))
+        tasks["monitor"] = asyncio.create_task(tunnels.monitor())
+        start_metrics()
+
+    try:
+        if handover is None or not handover.state["control"]:
+            for addr in config.addrs:
+                try:
+                    socks.append(bind(addr))
+                except OSError as e:
+                    raise StartError(f"cannot listen on {addr}: {e.strerror or e}") from None
+                if addr.kind == "unix":
+                    made.append(addr.path)
+        for sock in socks:
+            await control.serve(sock)
+        start_metrics()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await docker.remove_strays()
+        await docker.remove_strays(keep=containers_of(handover.state["wormholes"]) if handover else frozenset())
         await tunnels.rediscover()
-        monitor = asyncio.create_task(tunnels.monitor())
-        await wormholes.restore()
+        tasks["monitor"] = asyncio.create_task(tunnels.monitor())
+        adopted = frozenset()
+        if handover is not None:
+            adopted = await adopt(handover)
+            if handover.store_names:  # ours now: the store must not hold connections open
+                with contextlib.suppress(OSError):
+                    transfer.unstore(os.environ.get("NOTIFY_SOCKET", ""), handover.store_names)
+        await wormholes.restore(skip=adopted)
         where = ", ".join(str(a) for a in config.addrs) or f"{len(config.inherited)} socket(s) from systemd"
+        if handover is not None and handover.state["control"]:
+            where = f"{len(handover.state['control'])} socket(s) taken over"
         log.info("listening on %s", where)
+        server = takeover.Server(config.state_dir, export, resume)
+        server.start()
         systemd.notify("READY=1")
         systemd.start_watchdog()
         await stop.wait()
         log.info("stopping")
         systemd.notify("STOPPING=1")
+        if config.fd_store and os.environ.get("NOTIFY_SOCKET"):
+            await _store_and_exit(export, resume)
     finally:
-        if exporter is not None:
-            await exporter.aclose()
-        if monitor is not None:
-            monitor.cancel()
-        await control.aclose()
-        if monitor is not None:
-            await asyncio.gather(monitor, return_exceptions=True)
+        if server is not None:
+            await server.aclose()
+        await stop_serving()
         await wormholes.aclose()
         if hub is not None:
             hub.close()
@@ -204,6 +321,22 @@ async def _run(config: Config, state: StateDir) -> None:
         for path in made:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+async def _store_and_exit(export, resume) -> None:
+    """--fd-store: hand everything to systemd's fd store and exit without teardown; the next
+    start takes it back (LISTEN_FDS). If the store is not there, serve on to a normal stop."""
+    record, fds = await export()
+    try:
+        transfer.store(os.environ["NOTIFY_SOCKET"], record, fds)
+    except OSError as e:
+        log.error("cannot put %d fds in systemd's fd store (%s); stopping without handover", len(fds), e)
+        await resume(record, fds)
+        return
+    log.info("handed %d fds to systemd's fd store; exiting", len(fds))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
 
 
 def _ip(ctx, param, value):
@@ -290,9 +423,16 @@ def _addrs(ctx, param, values):
 @click.option("--metrics", callback=_metrics, metavar="ADDR",
               help="Serve Prometheus metrics at http://ADDR/metrics: HOST:PORT (e.g. 127.0.0.1:9998), "
                    "or :PORT for every address (default: not served).")
+@click.option("--takeover", is_flag=True,
+              help="Take over from the wormholed running on the same --state-dir: its listeners, live "
+                   "connections (bytes in flight included), UDP flows and control sockets move to this "
+                   "process, and it exits. An upgrade or restart that drops no connection.")
+@click.option("--fd-store", is_flag=True,
+              help="Under systemd (FileDescriptorStoreMax= set): on SIGTERM, leave the listeners and live "
+                   "connections in systemd's fd store, and take them back at the next start.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, max_conns,
-        idle_timeout, metrics, verbose):
+        idle_timeout, metrics, takeover, fd_store, verbose):
     """The wormhole daemon: runs the proxies `wormhole create` asks for.
 
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
@@ -303,11 +443,13 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wir
         key = load_key(key_file)
     except KeyFileError as e:
         raise click.ClickException(str(e)) from None
-    inherited = systemd.listen_sockets()
-    if not addrs and not inherited:
+    record, stored_fds, others = transfer.from_store(systemd.listen_fds())
+    inherited = [socket.socket(fileno=fd) for fd in others]
+    if not addrs and not inherited and record is None and not takeover:
         addrs = (Address.parse(":9999"),)
     config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
-                    tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout), metrics)
+                    tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout), metrics,
+                    takeover, fd_store, (record, stored_fds) if record is not None else None)
     try:
         uvloop.run(run(config))
     except StartError as e:

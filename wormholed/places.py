@@ -20,8 +20,11 @@ class Places:
     def __init__(self, docker: Docker | None = None):
         self._docker = docker
 
-    async def open(self, place: Place, stack: contextlib.AsyncExitStack, owner: str) -> Netns | None:
-        """The namespace of `place` (None: the daemon's own); `owner` labels a container it starts."""
+    async def open(self, place: Place, stack: contextlib.AsyncExitStack, owner: str, *,
+                   adopt: list[str] | None = None, started=None) -> Netns | None:
+        """The namespace of `place` (None: the daemon's own); `owner` labels a container it starts.
+        A docker-run place takes the first container of `adopt` if any (a predecessor's, handed
+        over) instead of starting one; `started(container_id)` hears of the container either way."""
         if place == HOST:
             return None
         if place.kind == "netns":
@@ -34,8 +37,14 @@ class Places:
         elif place.kind == "docker-ns":
             ns = await self._docker.netns(place.arg)
         elif place.kind == "docker-run":
-            cid, ns = await self._docker.run(parse_run_args(place.arg), owner)
+            if adopt:
+                cid = adopt.pop(0)
+                ns = await self._docker.netns(cid)
+            else:
+                cid, ns = await self._docker.run(parse_run_args(place.arg), owner)
             stack.push_async_callback(self._docker.remove, cid)
+            if started is not None:
+                started(cid)
         else:
             raise Refused(f"unknown place {place}")
         stack.callback(ns.close)

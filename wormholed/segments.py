@@ -37,7 +37,7 @@ from .proxy.native import EngineHub, NativeTcpProxy
 from .proxy.tcp import Stats, TcpProxy
 from .proxy.udp import UdpProxy
 from .tails import Tails
-from .unixsock import UnixHeadError, listen_unix
+from .unixsock import UnixHeadError, adopt_unix, listen_unix
 
 if TYPE_CHECKING:
     from .tunnels.table import Tunnels
@@ -67,10 +67,14 @@ def family_of(host: str) -> socket.AddressFamily:
 
 class Segment:
     def __init__(self, plan: Plan, ident: str, env: Env, *, parent: Segment | None = None,
-                 inherited: dict[Place, Netns | None] | None = None, owner: str | None = None):
+                 inherited: dict[Place, Netns | None] | None = None, owner: str | None = None,
+                 adoptions: dict | None = None):
+        """adoptions: segment id -> handover.daemon.Adopted, what a predecessor handed over
+        (its head socket, connections, containers) for this segment and its local children."""
         self.plan, self.id, self.parent, self.owner = plan, ident, parent, owner
         self.owner_label: str | None = None  # how `list` names the owner of a remote child
         self.asked: tuple = ()  # (words, context, over a tunnel): what the create asked for
+        self.asked_id = ident  # the id the create asked for (a remote child's: without its owner's tag)
         self.env = env
         self._link = link_for(plan)
         self._inherited = inherited or {}
@@ -90,6 +94,9 @@ class Segment:
         self.counters = Counters()  # trigger runs, failed tail dials (for metrics.py)
         self._proxy: TcpProxy | NativeTcpProxy | UdpProxy | None = None
         self._closed = False
+        self._adoptions = adoptions or {}
+        self.head_sock: socket.socket | None = None
+        self.containers: list[tuple[str, str]] = []  # (docker-run place, container id) while they run
 
     @property
     def limits(self) -> tuple[int, float]:
@@ -120,13 +127,22 @@ class Segment:
     async def _open(self, place: Place, stack: contextlib.AsyncExitStack) -> Netns | None:
         if place in self._inherited:
             return self._inherited[place]
-        return await self.env.places.open(place, stack, self.id)
+        adopted = self._adoptions.get(self.id)
+
+        def started(cid: str) -> None:
+            entry = (str(place), cid)
+            self.containers.append(entry)
+            stack.callback(self.containers.remove, entry)
+
+        return await self.env.places.open(place, stack, self.id, started=started,
+                                          adopt=adopted.containers.get(str(place)) if adopted else None)
 
     async def start_child(self, tail_ns: Netns | None) -> Segment:
         """Build this wormhole's local child; it shares the tail's namespace (and container)."""
         plan = self.plan.child
         ident = self.plan.chain_ids(self.id)[1]
-        child = Segment(plan, ident, self.env, parent=self, inherited={self.plan.tail.place: tail_ns})
+        child = Segment(plan, ident, self.env, parent=self, inherited={self.plan.tail.place: tail_ns},
+                        adoptions=self._adoptions)
         await child.start()
         return child
 
@@ -137,8 +153,11 @@ class Segment:
             ns = await self._open(head.place, self._stack)
             self.head_ns = ns
             udp = head.proto == "udp"
-            sock = await (self._listen_unix(ns) if head.unix else self._listen(ns))
-            if not self.plan.trigger:
+            adopted = self._adoptions.get(self.id)
+            given = adopted.head if adopted else None
+            sock = await (self._listen_unix(ns, given) if head.unix else self._listen(ns, given))
+            self.head_sock = sock
+            if not self.plan.trigger or (adopted and adopted.active):
                 await self._arm()
             conns, idle = self.limits
             # The native engine relays one tcp tail; unix ends and several tails take the Python relay.
@@ -155,16 +174,22 @@ class Segment:
                                        max_conns=conns, idle_timeout=idle, closed=self._closed_tail)
             self._proxy.start()
             self._retarget()
+            if adopted is not None:
+                from .handover.daemon import adopt_connections
+
+                adopt_connections(self, adopted)
         except BaseException:
             await self.aclose()
             raise
 
-    async def _listen(self, ns: Netns | None) -> socket.socket:
+    async def _listen(self, ns: Netns | None, sock: socket.socket | None = None) -> socket.socket:
+        """The head's socket: made here, or a predecessor's (handed over)."""
         head = self.plan.head
         udp = head.proto == "udp"
         try:
-            sock = await make_socket(ns, family_of(head.host), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-                                     bind=(head.host, head.port or 0), listen=None if udp else 1024)
+            if sock is None:
+                sock = await make_socket(ns, family_of(head.host), socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+                                         bind=(head.host, head.port or 0), listen=None if udp else 1024)
         except OSError as e:
             raise Refused(f"cannot listen on {format_url(head.proto, ns, head.host, head.port or 0)}: "
                           f"{e.strerror or e}") from None
@@ -174,10 +199,13 @@ class Segment:
         self.head_port = port
         return sock
 
-    async def _listen_unix(self, ns: Netns | None) -> socket.socket:
+    async def _listen_unix(self, ns: Netns | None, sock: socket.socket | None = None) -> socket.socket:
         """A unix head: its socket file is removed when the segment closes (unixsock.py)."""
         try:
-            sock, remove = await listen_unix(ns, self.plan.head.path, self.plan.mode)
+            if sock is not None:
+                remove = adopt_unix(ns, self.plan.head.path, sock)
+            else:
+                sock, remove = await listen_unix(ns, self.plan.head.path, self.plan.mode)
         except UnixHeadError as e:
             raise Refused(e.strerror) from None
         self._stack.callback(remove)  # after the close below (the stack unwinds last in, first out)
@@ -312,6 +340,13 @@ class Segment:
         if self.tails is not None:
             return self.tails.describe(self.plan.tail.proto)
         return [{"url": f"{end} (on the next connection)"} for end in self.plan.all_tails]
+
+    def forget(self) -> None:
+        """Let go without teardown (a handover took what the segment held): nothing it made
+        is closed, removed or deleted; timers and probes stop."""
+        self._closed = True
+        if self.tails is not None:
+            self.tails.stop()
 
     async def aclose(self) -> None:
         """Stop listening, close connections, then tear down the child and namespaces."""

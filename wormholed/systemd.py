@@ -33,22 +33,30 @@ DEBUG_PRIORITY = 7
 PLAIN_FORMAT = "wormholed: %(levelname)s %(message)s"
 
 
-def listen_sockets() -> list[socket.socket]:
-    """The sockets systemd passed us, if they are for this process; the variables are then unset."""
+def listen_fds() -> list[tuple[int, str]]:
+    """The fds systemd passed us, with their names (LISTEN_FDNAMES; "unknown" where it gave
+    none), if they are for this process; the variables are then unset. Sockets from the
+    .socket unit and fds from the fd store (a handover) come mixed, in no promised order."""
     try:
         if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
             return []
         count = int(os.environ.get("LISTEN_FDS", "0"))
+        names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     except ValueError:
         return []
     finally:
         for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(var, None)
-    socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+    fds = []
+    for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)):
         os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
-    return socks
+        fds.append((fd, names[i] if i < len(names) and names[i] else "unknown"))
+    return fds
+
+
+def listen_sockets() -> list[socket.socket]:
+    """listen_fds() as sockets (all of them: for a caller that takes no handover)."""
+    return [socket.socket(fileno=fd) for fd, _ in listen_fds()]
 
 
 def notify(state: str) -> bool:

@@ -86,6 +86,16 @@ class Tails:
         self._open[id(sock)] = i
         return sock
 
+    def index_of(self, sock: socket.socket) -> int:
+        """Which tail a socket connect()/open_flow() gave goes to (0 with one tail)."""
+        return self._open.get(id(sock), 0)
+
+    def adopted(self, sock: socket.socket, i: int) -> None:
+        """A predecessor's connection to tail i (a handover): counted as one of its own."""
+        if self.balancer is not None and 0 <= i < len(self.targets):
+            self.balancer.opened(i)
+            self._open[id(sock)] = i
+
     def closed(self, sock: socket.socket) -> None:
         """A socket connect()/open_flow() gave is about to close."""
         i = self._open.pop(id(sock), None)
@@ -124,6 +134,11 @@ class Tails:
         if self.balancer is None:
             return [{"url": self.targets[0].url(proto)}]
         return [{"url": t.url(proto), **s.describe()} for t, s in zip(self.targets, self.balancer.tails)]
+
+    def stop(self) -> None:
+        """Stop probing (the segment let go without teardown)."""
+        if self._prober is not None:
+            self._prober.cancel()
 
     async def aclose(self) -> None:
         if self._prober is not None:

@@ -32,7 +32,7 @@ import stat
 
 from .netns import Netns, make_socket
 
-__all__ = ["UnixHeadError", "dial_unix", "listen_unix", "sockaddr"]
+__all__ = ["UnixHeadError", "adopt_unix", "dial_unix", "listen_unix", "sockaddr"]
 
 # connect() errors that mean "not there yet": a service still starting.
 _NOT_YET = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
@@ -110,6 +110,20 @@ async def listen_unix(ns: Netns | None, path: str, mode: int, backlog: int = 102
         sock.close()
         raise
     return sock, lambda: _remove_if(addr, made)
+
+
+def adopt_unix(ns: Netns | None, path: str, sock: socket.socket):
+    """remove() for a head socket a predecessor made and handed over: its file, if it is still
+    there, is ours to remove when the wormhole closes. Raises UnixHeadError if it is gone."""
+    addr = sockaddr(ns, path)
+    if isinstance(addr, bytes):
+        return lambda: None
+    try:
+        st = os.lstat(addr)
+    except OSError as exc:
+        raise UnixHeadError(exc.errno, f"the handed-over {_describe(ns, path)}: {exc.strerror}") from None
+    made = (st.st_dev, st.st_ino)
+    return lambda: _remove_if(addr, made)
 
 
 def _remove_if(addr: str, made: tuple[int, int]) -> None:

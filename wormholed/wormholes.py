@@ -47,7 +47,7 @@ class Wormholes:
 
     async def create(self, words: list[str], ident: str | None = None, *, ctx: Context = Context(),
                      save: bool = True, owner: str | None = None, owner_label: str | None = None,
-                     tunnel: bool = False) -> dict:
+                     tunnel: bool = False, adoptions: dict | None = None) -> dict:
         """Build a wormhole. `owner`: the daemon id whose wormhole this is a remote child of
         (replaced when the same owner asks again: it restarted), shown in `list` as
         `owner_label`; `tunnel`: its head is on
@@ -56,7 +56,7 @@ class Wormholes:
             p: Plan = plan(parse(words, child=owner is not None), ctx)
         except SpecError as e:
             raise Refused(str(e)) from None
-        root_id = ident or p.id or str(uuid.uuid4())
+        root_id = asked_id = ident or p.id or str(uuid.uuid4())
         asked = (tuple(words), ctx, tunnel)
         if owner is not None:
             root_id = owned_id(root_id, owner)
@@ -74,9 +74,9 @@ class Wormholes:
         if clash:
             raise Refused(f"a wormhole with id {clash[0]!r} already exists")
         self._roots[root_id] = None
-        seg = Segment(p, root_id, self._env, owner=owner)
+        seg = Segment(p, root_id, self._env, owner=owner, adoptions=adoptions)
         seg.owner_label = owner_label
-        seg.asked = asked
+        seg.asked, seg.asked_id = asked, asked_id
         try:
             if tunnel:
                 seg.hold(self._env.tunnels.use(owner, root_id))
@@ -134,6 +134,18 @@ class Wormholes:
                          "bytes_in": 0, "bytes_out": 0, "refused": 0, "max_conns": None, "idle_timeout": None})
         return rows
 
+    def forget(self) -> None:
+        """Drop every wormhole without tearing anything down: what they held was handed over
+        (and is being taken back by adoption)."""
+        for root in self.roots():
+            for seg in root.chain():
+                seg.forget()
+        self._roots.clear()
+
+    def roots(self) -> list[Segment]:
+        """The wormholes built (not those being built)."""
+        return [root for root in self._roots.values() if root is not None]
+
     def segments(self) -> list[Segment]:
         """Every live segment, roots and their children (what `list` describes)."""
         return [s for root in self._roots.values() if root for s in root.chain()]
@@ -142,11 +154,14 @@ class Wormholes:
         """Records listed as failed (not restored, not deleted since)."""
         return len(self._failed)
 
-    async def restore(self) -> None:
+    async def restore(self, skip: frozenset[str] = frozenset()) -> None:
         """Rebuild the wormholes recorded by an earlier run (listening again, triggers armed);
-        those that cannot be built are kept as failed (listed, deletable, tried at the next start)."""
+        those that cannot be built are kept as failed (listed, deletable, tried at the next start).
+        `skip`: ids a predecessor handed over (built already)."""
         for record in self._state.load(check=check_wormhole_record):
             ident, words = record["id"], record["words"]
+            if ident in skip:
+                continue
             try:
                 await self.create(words, ident, save=False)
                 self.restored += 1

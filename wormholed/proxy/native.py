@@ -105,6 +105,7 @@ class NativeTcpProxy:
         self._lid: int | None = None
         self._tasks: set[asyncio.Task] = set()  # handed-off connections being dialled
         self._closed = False
+        self._exported: list[socket.socket] | None = None  # export(): handed-off clients, not dialled
         check_limits(max_conns, idle_timeout)
         idle_ms = min(max(1, round(idle_timeout * 1000)), 2**31 - 1) if idle_timeout else 0  # the engine's int
         self._limits = (max_conns, idle_ms)
@@ -150,6 +151,9 @@ class NativeTcpProxy:
 
     def _handoff(self, fd: int, err: int) -> None:
         conn = socket.socket(fileno=fd)
+        if self._exported is not None:  # export(): the successor dials it
+            self._exported.append(conn)
+            return
         if err and err != errno.ECONNREFUSED:  # dialling again would fail the same way, or wait as long
             self._drop(conn)
             exc = OSError(err, f"cannot connect to the tail: {os.strerror(err)}")
@@ -172,6 +176,11 @@ class NativeTcpProxy:
             tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._hub.engine.relay(self._lid, conn.fileno(), tail.fileno())
         except BaseException as exc:
+            if self._exported is not None and isinstance(exc, asyncio.CancelledError):
+                if tail is not None:
+                    tail.close()  # it never carried a byte
+                self._exported.append(conn)  # export(): the successor dials again; not reset
+                raise
             self._drop(conn)
             if tail is not None:
                 _abort(tail)
@@ -181,6 +190,72 @@ class NativeTcpProxy:
             raise
         conn.detach()  # the engine owns both now
         tail.detach()
+
+    async def export(self) -> tuple[list[tuple], list[socket.socket]]:
+        """tcp.TcpProxy.export's, through the engine's export (see _engine.c): every connection
+        given up untouched, relayed ones with their halves, clients not relayed yet alone."""
+        if self._closed or self._lid is None:
+            raise RuntimeError("NativeTcpProxy closed or not started")
+        self._exported = []
+        self._hub._on_handoffs()  # those queued come to us, not to a dial
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        relayed, clients = self._hub.engine.export(self._lid)
+        self._hub._on_handoffs()
+        self._closed = True
+        self._read_stats()
+        taken = self._exported
+        for _ in taken:  # Python's now, not the engine's open ones
+            self._hub.engine.dropped(self._lid)
+        self._hub._proxies.pop(self._lid, None)
+        self._hub.engine.unlisten(self._lid)
+        self._stats.connections = 0
+
+        def half(h):
+            r, w, pending, buffered, done = h
+            return ((r, w) if r >= 0 else None), pending, buffered, done
+
+        relays = [(socket.socket(fileno=c), socket.socket(fileno=t), half(up), half(down))
+                  for c, t, up, down, _ in relayed]
+        return relays, [socket.socket(fileno=fd) for fd in clients] + taken
+
+    def adopt(self, client: socket.socket, tail: socket.socket, up: tuple, down: tuple) -> None:
+        """A connection a predecessor exported (export()'s halves): the engine relays it on."""
+        def half(h):
+            pipe, pending, buffered, done = h
+            r, w = pipe if pipe is not None else (-1, -1)
+            return r, w, pending, buffered, done
+
+        client.setblocking(False)
+        tail.setblocking(False)
+        self._hub.engine.adopt(self._lid, client.fileno(), tail.fileno(), half(up), half(down))
+        client.detach()
+        tail.detach()
+
+    def redial(self, client: socket.socket) -> None:
+        """A client a predecessor accepted and had not relayed: dial its tail, then adopt the pair."""
+        async def dial() -> None:
+            try:
+                tail = await self._connect()
+                tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except BaseException as exc:
+                _abort(client)
+                if isinstance(exc, Exception):
+                    self.log.warning("connection dropped: %s", exc)
+                    return
+                raise
+            self.adopt(client, tail, (None, 0, b"", False), (None, 0, b"", False))
+
+        task = asyncio.Task(dial(), loop=self._hub._loop, eager_start=True)
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def add_stats(self, total: int, bytes_in: int, bytes_out: int, refused: int) -> None:
+        """A predecessor's counters, carried on (adopt() counts each connection it takes)."""
+        self._hub.engine.add_stats(self._lid, total, bytes_in, bytes_out, refused)
 
     async def aclose(self) -> None:
         """Stop accepting, close the listening socket, reset live connections."""

@@ -175,6 +175,12 @@ class _Half:
         if self.relay is not None and not self.done:
             self.pump()
 
+    def state(self) -> tuple:
+        """(pipe or None, bytes in it, bytes buffered in memory, EOF passed on): for export()."""
+        if self.copy:
+            return None, 0, bytes(self.out[:self.pending]), self.done
+        return (self.rp, self.wp), self.pending, b"", self.done
+
     def _eof(self) -> None:
         self.done = True
         if self.peer.done:  # both read to EOF, so close() sends FINs, not RSTs
@@ -308,6 +314,7 @@ class TcpProxy:
         self._accepting = False
         self._backoff: asyncio.TimerHandle | None = None
         self._closed = False
+        self._exported: list[socket.socket] | None = None  # export(): clients whose dial it cut short
 
     def start(self) -> None:
         """Begin accepting; call from the event loop thread."""
@@ -381,7 +388,7 @@ class TcpProxy:
         try:
             conn.setblocking(False)
             tail = await self._connect()
-            if self._closed:  # connect() finished despite the cancellation
+            if self._closed or self._exported is not None:  # connect() finished despite the cancellation
                 raise asyncio.CancelledError
             if tail.family in _INET:
                 tail.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -396,6 +403,9 @@ class TcpProxy:
                 if self._closed_cb is not None:
                     self._closed_cb(tail)
                 _abort(tail)
+            if self._exported is not None and isinstance(exc, asyncio.CancelledError):
+                self._exported.append(conn)  # export(): the successor dials again; not reset
+                raise
             if is_out_of_fds(exc):  # turned away, as at accept
                 self.stats.total -= 1
                 self.stats.refused += 1
@@ -491,6 +501,74 @@ class TcpProxy:
                 err = half.peer.dsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     half._failed(OSError(err, os.strerror(err)), fd)
+
+    async def export(self) -> tuple[list[tuple], list[socket.socket]]:
+        """Hand everything over (a successor process takes it): stop accepting and moving
+        bytes, and give up every connection untouched, neither closed nor reset.
+
+        Returns (relays, clients): per relay (client, tail, up, down), each half as
+        (pipe or None, bytes in the pipe, bytes buffered in memory, EOF passed on); and the
+        clients whose tail was being dialled (the dial is dropped: the successor dials
+        again). The proxy is closed afterwards; the sockets are the caller's."""
+        if self._closed:
+            raise RuntimeError("TcpProxy closed")
+        self._closed = True
+        self._exported = []
+        for timer in (self._backoff, self._sweeper):
+            if timer is not None:
+                timer.cancel()
+        if self._loop is not None:
+            self._pause_accepting()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        relays = []
+        for relay in {half.relay for half in self._halves.values()}:
+            for half in (relay.up, relay.down):
+                self._epoll.unregister(half.src)
+            relays.append((relay.client, relay.tail, relay.up.state(), relay.down.state()))
+            relay.proxy = None
+            relay.up.relay = relay.up.peer = relay.down.relay = relay.down.peer = None
+        self._halves.clear()
+        if self._epoll is not None:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+        self._drop_pipes()
+        self.stats.connections = 0
+        return relays, self._exported
+
+    def adopt(self, client: socket.socket, tail: socket.socket, up: tuple, down: tuple) -> None:
+        """Relay a connection a predecessor exported (export()'s halves); call after start()."""
+        client.setblocking(False)
+        tail.setblocking(False)
+        pipes = []
+        for pipe, _, _, _ in (up, down):
+            pipes.append(pipe if pipe is not None else _new_pipe())
+        relay = _Relay(self, client, tail, tuple(pipes))
+        self.stats.connections += 1
+        for half, (pipe, pending, buffered, done) in ((relay.up, up), (relay.down, down)):
+            half.done = done
+            half.pending = pending
+            if buffered:  # bytes read and not written: they go first, then the pipe's
+                half.pending = 0
+                data = buffered + (os.read(half.rp, pending) if pending else b"")
+                half.copy = True
+                half.out = memoryview(data)
+                half.buf = memoryview(bytearray(65536))
+                half.pending = len(data)
+        self._halves[relay.up.src] = relay.up
+        self._halves[relay.down.src] = relay.down
+        self._epoll.register(relay.up.src, _EPOLL_MASK)  # the current state comes as edges
+        self._epoll.register(relay.down.src, _EPOLL_MASK)
+
+    def redial(self, client: socket.socket) -> None:
+        """A client a predecessor accepted and had not relayed yet: dial the tail for it."""
+        self.stats.connections += 1
+        task = asyncio.Task(self._open(client), loop=self._loop, eager_start=True)
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
         """Stop accepting, close the listening socket, reset live connections."""

@@ -198,6 +198,40 @@ class UdpProxy:
                 flow.last = self._loop.time()
             flow.send(data)
 
+    async def export(self) -> list[tuple[object, socket.socket]]:
+        """Hand the flows over (a successor process takes them): stop relaying and give up
+        each flow's (client address, tail socket), untouched. Flows still opening are
+        dropped (their client's next datagram opens one again). The proxy is closed."""
+        if self._closed:
+            raise RuntimeError("UdpProxy closed")
+        self._closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        flows = []
+        for flow in list(self._flows.values()):
+            if flow.sock is not None:
+                self._loop.remove_reader(flow.sock.fileno())
+                flows.append((flow.addr, flow.sock))
+                flow.sock = None
+            flow.proxy = None
+            flow.timer.cancel()
+            if flow.task is not None:
+                flow.task.cancel()
+        self._flows.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.stats.connections = 0
+        return flows
+
+    def adopt(self, addr, sock: socket.socket) -> None:
+        """A flow a predecessor exported: its client's datagrams go on to the same tail socket."""
+        sock.setblocking(False)
+        flow = self._flows[addr] = _Flow(self, addr)
+        self.stats.connections += 1
+        flow.queue = None
+        flow.sock = sock
+        self._loop.add_reader(sock.fileno(), flow._on_tail)
+
     async def aclose(self) -> None:
         """Stop relaying, close the head socket and every flow."""
         if self._closed:
