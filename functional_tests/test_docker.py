@@ -293,3 +293,23 @@ def test_unix_sockets_in_a_container_and_a_docker_ns_tail_among_several(host, co
     assert lb["tails"][1]["url"] == f"tcp://docker:{mysql.name}@127.0.0.1:3306"
     host.ok("delete", "in")
     assert not os.path.exists(inside), "the socket file goes with the wormhole"
+
+
+def test_a_takeover_adopts_the_containers_docker_run_started(host, engine, sweep):
+    """The successor takes the container over with its connections: not removed, not run again."""
+    sweep(host)
+    host.create("id", "db", "url", ":3306", "trigger", "docker-run", "wormhole/mysql")
+    assert roundtrip(host, 3306) == b"hello wormhole"  # the trigger ran: the container is up
+    held = host.connect(3306)
+    held.sendall(b"before ")
+    [before] = ours(engine, host)
+    old = host.daemon
+    host.start("--takeover")
+    assert old.wait(30) == 0
+    held.sendall(b"after")
+    held.shutdown(socket.SHUT_WR)
+    assert recv_all(held) == b"before after"
+    assert [c.id for c in ours(engine, host)] == [before.id], "the same container, not a new one"
+    assert roundtrip(host, 3306) == b"hello wormhole"
+    host.ok("delete", "db")
+    assert ours(engine, host) == []

@@ -374,3 +374,60 @@ def test_systemd_fd_store_through_a_stand_in(make_host, tmp_path):
     held.shutdown(socket.SHUT_WR)
     assert recv_all(held) == b"kept across a restart"
     assert "took over 1 wormhole(s)" in h.logs() and h.wormhole("ping", host=h.sock).returncode == 0
+
+
+def test_a_store_too_small_stops_without_handover_and_says_so(make_host, tmp_path):
+    h = make_host(start=False)
+    notify = tmp_path / "notify"
+    store = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    store.bind(str(notify))
+    store.settimeout(15)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify))
+    h.daemon = h.popen(WORMHOLED, "-H", h.sock, "--state-dir", str(h.state), "--fd-store", "--fd-store-max", "4",
+                       stdout=subprocess.DEVNULL, stderr=open(h.log, "ab"), env=env)
+    assert store.recv(100) == b"READY=1"
+    h.echo_server(7640)
+    h.create("url", ":8640", "tail", "url", ":7640")
+    held = h.connect(8640)
+    held.sendall(b"x")
+    assert held.recv(1) == b"x"
+    h.daemon.send_signal(signal.SIGTERM)
+    assert h.daemon.wait(15) == 0
+    messages = []
+    store.settimeout(0.5)
+    try:
+        while True:
+            messages.append(store.recv(1024))
+    except TimeoutError:
+        pass
+    assert not [m for m in messages if m.startswith(b"FDSTORE")], "nothing half-stored"
+    assert "do not fit in systemd's fd store (--fd-store-max 4" in h.logs()
+    try:
+        assert recv_all(held) == b"", "closed, as at a stop without handover"
+    except ConnectionResetError:
+        pass  # reset, as at a stop without handover
+
+
+def test_a_remote_wormhole_lives_on_when_either_daemon_is_taken_over(pair):
+    """The parent's daemon asks its peer again for the child with the same words and keeps it;
+    the child's daemon hands over the child (a remote child has no record) with the rest."""
+    h1, h2 = pair
+    h2.start()
+    h2.echo_server(7650)
+    h1.create("id", "far", "url", ":8650", "remote", "192.0.2.2", "tail", "url", ":7650")
+    held = h1.connect(8650)
+    held.sendall(b"one ")
+    take_over(h1)
+    held.sendall(b"two ")
+    take_over(h2)
+    held.sendall(b"three")
+    held.shutdown(socket.SHUT_WR)
+    assert recv_all(held) == b"one two three"
+    [child] = h2.list()
+    assert child["total"] == 1 and child["parent"] == "far@192.0.2.1"
+    with h1.connect(8650) as s:
+        s.sendall(b"new")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"new"
+    h1.ok("delete", "far")
+    assert h2.list() == [], "the child taken over is still the parent's to delete"

@@ -64,6 +64,7 @@ class Config:
     metrics: tuple[str | None, int] | None = None  # --metrics: (host, None for every address; port)
     takeover: bool = False  # --takeover: take the running daemon's listeners and connections
     fd_store: bool = False  # --fd-store: on SIGTERM, leave them in systemd's fd store
+    fd_store_max: int = 65536  # --fd-store-max: the unit's FileDescriptorStoreMax=
     stored: tuple[bytes, list[int]] | None = None  # a handover systemd's fd store gave back
 
 
@@ -307,7 +308,7 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
         log.info("stopping")
         systemd.notify("STOPPING=1")
         if config.fd_store and os.environ.get("NOTIFY_SOCKET"):
-            await _store_and_exit(export, resume)
+            await _store_and_exit(export, resume, config.fd_store_max)
     finally:
         if server is not None:
             await server.aclose()
@@ -323,10 +324,18 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
                 os.unlink(path)
 
 
-async def _store_and_exit(export, resume) -> None:
+async def _store_and_exit(export, resume, most: int) -> None:
     """--fd-store: hand everything to systemd's fd store and exit without teardown; the next
-    start takes it back (LISTEN_FDS). If the store is not there, serve on to a normal stop."""
+    start takes it back (LISTEN_FDS). If the store is not there, or too small for all of it
+    (systemd would refuse the fds past FileDescriptorStoreMax), take it back and stop as
+    without --fd-store, saying so."""
     record, fds = await export()
+    if len(fds) + 1 > most:
+        log.error("%d fds (listeners, connections, and the record) do not fit in systemd's fd store "
+                  "(--fd-store-max %d, the unit's FileDescriptorStoreMax=): stopping without handover, "
+                  "live connections are closed; 'wormholed --takeover' hands over any number", len(fds) + 1, most)
+        await resume(record, fds)
+        return
     try:
         transfer.store(os.environ["NOTIFY_SOCKET"], record, fds)
     except OSError as e:
@@ -430,9 +439,12 @@ def _addrs(ctx, param, values):
 @click.option("--fd-store", is_flag=True,
               help="Under systemd (FileDescriptorStoreMax= set): on SIGTERM, leave the listeners and live "
                    "connections in systemd's fd store, and take them back at the next start.")
+@click.option("--fd-store-max", type=click.IntRange(min=1), default=65536, show_default=True, metavar="N",
+              help="The unit's FileDescriptorStoreMax=: with more fds to store, --fd-store stops without "
+                   "handover (saying so) rather than lose some.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, max_conns,
-        idle_timeout, metrics, takeover, fd_store, verbose):
+        idle_timeout, metrics, takeover, fd_store, fd_store_max, verbose):
     """The wormhole daemon: runs the proxies `wormhole create` asks for.
 
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
@@ -449,7 +461,7 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wir
         addrs = (Address.parse(":9999"),)
     config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
                     tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout), metrics,
-                    takeover, fd_store, (record, stored_fds) if record is not None else None)
+                    takeover, fd_store, fd_store_max, (record, stored_fds) if record is not None else None)
     try:
         uvloop.run(run(config))
     except StartError as e:
