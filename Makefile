@@ -42,7 +42,7 @@ functional: deps install
 # The daemon relays TCP with the native engine unless WORMHOLE_ENGINE=python: every functional test
 # runs on the native one, and the daemon-level wormhole tests again on the Python one (the relay
 # tests, test_relay.py, cover both engines themselves).
-PY_ENGINE_TESTS := functional_tests/test_wormholes.py functional_tests/test_remote.py \
+PY_ENGINE_TESTS := functional_tests/test_wormholes.py functional_tests/test_remote.py functional_tests/test_handover.py \
     functional_tests/test_hardening.py::test_tcp_max_conns_and_idle_timeout_through_the_daemon
 
 test: deps install
