@@ -3,8 +3,10 @@ store through a stand-in for its notify socket) without losing, duplicating or r
 anything: real daemons in two test hosts joined by veth, streams checked by sha256, resets
 counted by the kernel (nstat) in both namespaces."""
 
+import functools
 import hashlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -172,6 +174,70 @@ def take_over(host, *args):
     assert "took over" in host.logs()
 
 
+_WRAPPER = """import os, sys
+fds = [int(x) for x in sys.argv[1].split(",")]
+tmp = [os.dup(fd) for fd in fds]
+for i, fd in enumerate(tmp):
+    os.dup2(fd, 3 + i)
+    os.set_inheritable(3 + i, True)
+for fd in fds:
+    if fd >= 3 + len(fds):
+        os.close(fd)  # as systemd passes them: each fd once
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=sys.argv[2])
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+class StandIn:
+    """As much of systemd as a daemon under --fd-store needs: its notify socket (READY=1,
+    FDSTORE=1 with FDNAME=, FDSTOREREMOVE=1) and its restart, which passes the stored fds
+    back as LISTEN_FDS/LISTEN_FDNAMES, in another order than they were stored."""
+
+    def __init__(self, host, path, *args):
+        self.host, self.args = host, args
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(30)
+        self.env = dict(os.environ, NOTIFY_SOCKET=str(path))
+        self.removed: set[str] = set()
+
+    def start(self, stored: dict[str, int] | None = None) -> None:
+        h = self.host
+        argv = [WORMHOLED, "-H", h.sock, "-H", "tcp://:9999", "--state-dir", str(h.state), "--fd-store", *self.args]
+        if stored:
+            names = sorted(stored, reverse=True)
+            fds = [stored[n] for n in names]
+            argv = [sys.executable, "-c", _WRAPPER, ",".join(map(str, fds)), ":".join(names), *argv]
+        else:
+            fds = []
+        h.daemon = h.popen(*argv, pass_fds=fds, stdout=subprocess.DEVNULL, stderr=open(h.log, "ab"), env=self.env)
+        for fd in fds:
+            os.close(fd)  # the store keeps nothing once passed back (the successor takes them out)
+        self.removed = set()
+        while (msg := self.sock.recv(1024).decode()) != "READY=1":
+            if msg.startswith("FDSTOREREMOVE=1"):
+                self.removed.add(msg.split("FDNAME=", 1)[1])
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM, and what the daemon put in the store before it exited (0)."""
+        self.host.daemon.send_signal(signal.SIGTERM)
+        stored: dict[str, int] = {}
+        while True:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 1024, 10)
+            fields = dict(line.split("=", 1) for line in msg.decode().split("\n") if "=" in line)
+            if fields.get("FDSTORE") == "1":
+                stored[fields["FDNAME"]] = fds[0]
+                if fields["FDNAME"] == "wh-state":
+                    break
+        assert self.host.daemon.wait(15) == 0
+        return stored
+
+    def restart(self) -> None:
+        stored = self.stop()
+        self.start(stored)
+        assert self.removed == set(stored), "the successor takes every fd out of the store"
+
+
 @pytest.fixture
 def pair(make_host):
     h1 = make_host(key="ho-key")
@@ -180,8 +246,19 @@ def pair(make_host):
     return h1, h2
 
 
-def test_takeover_five_times_under_a_gigabyte_each_way_and_300_connections(pair):
-    h1, h2 = pair
+@pytest.mark.parametrize("way", ["takeover", "fd-store"])
+def test_five_handovers_under_a_gigabyte_each_way_and_300_connections(make_host, tmp_path, way):
+    h1 = make_host(key="ho-key", start=False)
+    h2 = make_host(key="ho-key", start=False)
+    pair = (h1, h2)
+    veth(h1, "192.0.2.1/24", h2, "192.0.2.2/24")
+    if way == "takeover":
+        h1.start()
+        hand_over = functools.partial(take_over, h1)
+    else:
+        systemd = StandIn(h1, tmp_path / "notify")
+        systemd.start()
+        hand_over = systemd.restart
     server = Server(h2, 7600)
     h1.create("id", "ho", "url", ":8600", "tail", "url", "192.0.2.2:7600")
     before = {h.name: nstat(h) for h in pair}
@@ -218,7 +295,7 @@ def test_takeover_five_times_under_a_gigabyte_each_way_and_300_connections(pair)
             time.sleep(0.01)
         big.pause()  # the pipes fill with what the client does not read
         time.sleep(0.2)
-        take_over(h1)
+        hand_over()
         big.resume()
     for c in small + [half]:
         c.resume()
@@ -241,6 +318,8 @@ def test_takeover_five_times_under_a_gigabyte_each_way_and_300_connections(pair)
     assert row["total"] == 2 + SMALL_CONNS + len(probes)
     assert row["bytes_in"] == BIG + 32 + (1 << 20) + 32 + SMALL_CONNS * ((128 << 10) + 32) + len(probes) * (1024 + 32)
     assert h1.logs().count("took over 1 wormhole(s)") == HANDOVERS
+    in_flight = [int(n) for n in re.findall(r"(\d+) bytes in flight", h1.logs())]
+    assert len(in_flight) == HANDOVERS and min(in_flight) > 0, f"bytes in the relays at each handover: {in_flight}"
 
 
 def test_udp_flows_keep_their_mapping_and_a_unix_head_its_file(make_host, tmp_path):
@@ -322,58 +401,17 @@ def test_systemd_fd_store_through_a_stand_in(make_host, tmp_path):
     """The daemon under --fd-store puts everything in the store at SIGTERM and exits; the next
     start gets it back as LISTEN_FDS/LISTEN_FDNAMES (in another order) and empties the store."""
     h = make_host(start=False)
-    notify = tmp_path / "notify"
-    store = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    store.bind(str(notify))
-    store.settimeout(15)
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify))
-    h.daemon = h.popen(WORMHOLED, "-H", h.sock, "--state-dir", str(h.state), "--fd-store",
-                       stdout=subprocess.DEVNULL, stderr=open(h.log, "ab"), env=env)
-    assert store.recv(100) == b"READY=1"
+    systemd = StandIn(h, tmp_path / "notify")
+    systemd.start()
     h.echo_server(7630)
     h.create("id", "s", "url", ":8630", "tail", "url", ":7630")
     held = h.connect(8630)
     held.sendall(b"kept ")
-    h.daemon.send_signal(signal.SIGTERM)
-    stored: dict[str, int] = {}
-    while True:
-        msg, fds, _, _ = socket.recv_fds(store, 1024, 10)
-        fields = dict(line.split("=", 1) for line in msg.decode().split("\n") if "=" in line)
-        if fields.get("FDSTORE") == "1":
-            stored[fields["FDNAME"]] = fds[0]
-            if fields["FDNAME"] == "wh-state":
-                break
-    assert h.daemon.wait(15) == 0
-    names = sorted(stored, reverse=True)  # another order than stored: matched by name
-    fds = [stored[n] for n in names]
-    wrapper = ("import os, sys\n"
-               "fds = [int(x) for x in sys.argv[1].split(',')]\n"
-               "tmp = [os.dup(fd) for fd in fds]\n"
-               "for i, fd in enumerate(tmp):\n"
-               "    os.dup2(fd, 3 + i)\n"
-               "    os.set_inheritable(3 + i, True)\n"
-               "for fd in fds:\n"
-               "    if fd >= 3 + len(fds):\n"
-               "        os.close(fd)  # as systemd passes them: each fd once\n"
-               "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=sys.argv[2])\n"
-               "os.execv(sys.argv[3], sys.argv[3:])\n")
-    h.daemon = h.popen(sys.executable, "-c", wrapper, ",".join(map(str, fds)), ":".join(names), WORMHOLED,
-                       "--state-dir", str(h.state), "--fd-store", pass_fds=fds,
-                       stdout=subprocess.DEVNULL, stderr=open(h.log, "ab"), env=env)
-    for fd in fds:
-        os.close(fd)  # the stand-in keeps nothing: as systemd after FDSTOREREMOVE
-    removed = set()
-    while True:
-        msg = store.recv(1024).decode()
-        if msg.startswith("FDSTOREREMOVE=1"):
-            removed.add(msg.split("FDNAME=", 1)[1])
-        if msg == "READY=1":
-            break
-    assert removed == set(names), "the successor takes every fd out of the store"
+    systemd.restart()
     held.sendall(b"across a restart")
     held.shutdown(socket.SHUT_WR)
     assert recv_all(held) == b"kept across a restart"
-    assert "took over 1 wormhole(s)" in h.logs() and h.wormhole("ping", host=h.sock).returncode == 0
+    assert "took over 1 wormhole(s)" in h.logs() and h.wormhole("ping").returncode == 0
 
 
 def test_a_store_too_small_stops_without_handover_and_says_so(make_host, tmp_path):

@@ -31,7 +31,7 @@ from wormhole.spec import SpecError, parse_count, parse_duration
 from . import systemd
 from .api import ControlServer, methods
 from .handover import takeover, transfer
-from .handover.daemon import adopt_wormholes, containers_of, export_wormholes
+from .handover.daemon import adopt_wormholes, containers_of, describe, export_wormholes
 from .handover.record import STATE_NAME, FdTable, HandoverError, decode, encode, fd_name
 from .docker import Docker
 from .limits import Defaults
@@ -246,6 +246,7 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
         control_fds = [table.add(os.dup(sock.fileno())) for sock in socks if sock.fileno() >= 0]
         await stop_serving()
         entries = await export_wormholes(wormholes, table)
+        log.info("handover: %s", describe(entries))
         record = encode({"from": {"pid": os.getpid(), "daemon": daemon_id}, "fds": len(table.fds),
                          "control": control_fds, "wormholes": entries})
         return record, table.fds

@@ -186,6 +186,16 @@ async def adopt_wormholes(wormholes: Wormholes, entries: list[dict], fds: list[i
     return done
 
 
+def describe(entries: list[dict]) -> str:
+    """What a record hands over, for the log: connections, flows, bytes in flight."""
+    segments = [seg for e in entries for seg in e["segments"].values()]
+    relays = [r for seg in segments for r in seg["relays"]]
+    in_flight = sum(h["pending"] + len(half_buffered(h)) for r in relays for h in (r["up"], r["down"]))
+    return (f"{len(entries)} wormhole(s), {len(relays)} connection(s) "
+            f"({sum(len(seg['clients']) for seg in segments)} more being dialled), "
+            f"{sum(len(seg['flows']) for seg in segments)} UDP flow(s), {in_flight} bytes in flight")
+
+
 def containers_of(entries: list[dict]) -> frozenset[str]:
     """The docker-run containers the handed-over wormholes hold (not strays to remove)."""
     return frozenset(cid for e in entries for seg in e["segments"].values()
