@@ -18,6 +18,9 @@ haproxy, socat), the rates as the median of --repeat runs:
 * ``wormhole ping`` against the row's daemon: p50 and p95.
 * the CLI itself: wall time of ``wormhole ping`` and ``wormhole list``, a fresh process each
   (from exec to exit, as a shell runs them): p50 and p95.
+* a handover (``wormholed --takeover``): the gaps in a steady stream of echoes through
+  takeovers (the pause a connection sees), and the time a takeover takes with 1, 100 and
+  5,000 idle connections held through the wormhole.
 
 Then the goals for the wormhole rows, and the tunnel table (bench/tunnel.py): iperf3
 through a WireGuard tunnel between two network namespaces, built by
@@ -33,6 +36,7 @@ temporary directory (configs, logs, the wormhole key and state) is removed.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -44,11 +48,13 @@ import platform
 import re
 import resource
 import secrets
+import select
 import shutil
 import signal
 import socket
 import statistics
 import string
+import struct
 import subprocess
 import sys
 import tempfile
@@ -677,6 +683,33 @@ class Proc:
         return " | ".join(text[-lines:])
 
 
+class StampedProc(Proc):
+    """A Proc whose output comes through a pipe: a thread writes it to the log and keeps each
+    line with the time it arrived (time.monotonic()), for a daemon whose log has no times."""
+
+    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None):
+        super().__init__(name, argv, logdir, env)
+        self.lines: list[tuple[float, str]] = []
+        self.reader: threading.Thread | None = None
+
+    def __enter__(self) -> "StampedProc":
+        try:
+            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        except OSError as exc:
+            raise BenchError(f"cannot start {self.argv[0]}: {exc.strerror}") from None
+        self.reader = threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True)
+        self.reader.start()
+        return self
+
+    def _read(self, pipe) -> None:
+        with pipe, open(self.log, "ab") as log:
+            for raw in pipe:
+                self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+                log.write(raw)
+                log.flush()
+
+
 def wait_listening(port: int, proc: Proc | None = None, timeout: float = 10.0) -> None:
     """Poll connect() until something accepts on 127.0.0.1:PORT."""
     deadline = time.monotonic() + timeout
@@ -959,9 +992,10 @@ class Wormhole:
     """A wormholed for a wormhole row, driven through the wormhole CLI; ``engine`` is its
     WORMHOLE_ENGINE (native or python)."""
 
-    def __init__(self, tmp: Path, engine: str = "native", args: tuple[str, ...] = ()):
+    def __init__(self, tmp: Path, engine: str = "native", args: tuple[str, ...] = (), stamped: bool = False):
         self.engine = engine
         self.args = args  # more wormholed flags (--metrics)
+        self.stamped = stamped  # its output through a pipe, each line timed (StampedProc): the handover section
         self.tmp = Path(tempfile.mkdtemp(prefix=f"wormhole-{engine}-", dir=tmp))
         self.key = self.tmp / "key.secret"
         self.sock = self.tmp / "ctl.sock"
@@ -979,9 +1013,7 @@ class Wormhole:
         with os.fdopen(fd, "w") as f:
             f.write("".join(secrets.choice(alphabet) for _ in range(32)))
         os.chmod(self.key, 0o600)
-        argv = [WORMHOLE_BIN / "wormholed", "-H", f"unix://{self.sock}", "-H", f"tcp://127.0.0.1:{self.ctl_port}",
-                "-K", self.key, "--state-dir", self.tmp / "state", *self.args]
-        self.proc = Proc("wormholed", argv, self.tmp, env={"WORMHOLE_ENGINE": self.engine}).__enter__()
+        self.proc = self.spawn()
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -1007,6 +1039,13 @@ class Wormhole:
     def __exit__(self, *exc) -> None:
         if self.proc:
             self.proc.stop()  # SIGTERM, then SIGKILL after 5 s
+
+    def spawn(self, *more: str) -> Proc:
+        """Start a wormholed with this one's flags and MORE (--takeover: its successor)."""
+        argv = [WORMHOLE_BIN / "wormholed", "-H", f"unix://{self.sock}", "-H", f"tcp://127.0.0.1:{self.ctl_port}",
+                "-K", self.key, "--state-dir", self.tmp / "state", *self.args, *more]
+        kind = StampedProc if self.stamped else Proc
+        return kind("wormholed", argv, self.tmp, env={"WORMHOLE_ENGINE": self.engine}).__enter__()
 
     @contextlib.contextmanager
     def proxy(self, tmp: Path, target: int, proto: str = "tcp") -> Iterator[tuple[int, int]]:
@@ -1619,6 +1658,597 @@ def cli_to_json(times: CliTimes) -> dict:
             **{f"{c}_p{p}_ms": percentile(ms, p) if ms else None for c, ms in times.ms.items() for p in (50, 95)}}
 
 
+# -- handover: the pause a connection sees, and how long a takeover takes -------------------
+
+HANDOVER_TAKEOVERS = 5  # takeovers during the stream
+HANDOVER_EVERY = 2.0  # seconds between them (and after the last)
+HANDOVER_BASELINE = 3.0  # seconds of stream before the first: the baseline gaps
+STREAM_INTERVAL = 0.001  # seconds between the stream's messages
+STREAM_MESSAGE = struct.Struct("!Qd")  # a message: its sequence number, when it was sent (time.monotonic())
+HANDOVER_COUNTS = (1, 100, 5000)  # established idle connections through the timed takeovers
+HANDOVER_RUNS = 3  # timed takeovers per count
+HANDOVER_FDS = {"native": 2, "python": 6}  # the daemon's fds per idle connection (the idle table)
+CONNECT_BATCH = 100  # connections opened at once (wormholed listens with a backlog of 128)
+PAUSE_SLACK = 1.0  # seconds after the ping's answer within which a takeover's pause must end
+TIMED_SETTLE = 0.5  # seconds after each timed takeover, before the next
+LINGER0 = struct.pack("ii", 1, 0)  # close with a reset: no TIME_WAIT left behind
+
+
+def echo_gaps(arrivals: list[float]) -> list[float]:
+    """Milliseconds between consecutive echoes (their times in seconds, in the order they came)."""
+    return [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:])]
+
+
+@dataclasses.dataclass(frozen=True)
+class GapStats:
+    max_ms: float
+    p99_ms: float
+    echoes: int
+
+
+def gap_stats(arrivals: list[float]) -> GapStats | None:
+    """The longest and the p99 (nearest rank) gap between consecutive echoes; None under 2 echoes."""
+    gaps = echo_gaps(arrivals)
+    return GapStats(max(gaps), percentile(gaps, 99), len(arrivals)) if gaps else None
+
+
+def split_gaps(arrivals: list[float], mark: float | None) -> tuple[GapStats | None, GapStats | None]:
+    """The gaps before MARK (the baseline) and from it on (a gap that spans it is the second's);
+    no mark: all of them are the baseline."""
+    if mark is None:
+        return gap_stats(arrivals), None
+    k = bisect.bisect_left(arrivals, mark)
+    return gap_stats(arrivals[:k]), gap_stats(arrivals[max(k - 1, 0):])
+
+
+def pause_windows(takeovers: list[Takeover], slack: float | None = None) -> list[tuple[float, float]]:
+    """Where each takeover's pause can end: from its start until SLACK s after the new daemon
+    answered the ping (it answers before it has taken every connection back), or until the
+    next takeover's start."""
+    slack = PAUSE_SLACK if slack is None else slack
+    out = []
+    for i, t in enumerate(takeovers):
+        end = t.started + t.seconds + slack
+        if i + 1 < len(takeovers):
+            end = min(end, takeovers[i + 1].started)
+        out.append((t.started, end))
+    return out
+
+
+def pauses(arrivals: list[float], windows: list[tuple[float, float]]) -> list[float | None]:
+    """The longest gap (ms) between consecutive echoes that ends in each window [start, end):
+    the pause each takeover caused (None: no echo came in it)."""
+    out: list[float | None] = []
+    for start, end in windows:
+        lo, hi = max(bisect.bisect_left(arrivals, start), 1), bisect.bisect_left(arrivals, end)
+        gaps = [(arrivals[j] - arrivals[j - 1]) * 1000 for j in range(lo, hi)]
+        out.append(max(gaps) if gaps else None)
+    return out
+
+
+def sequence_faults(seqs: list[int], sent: int) -> tuple[int, int]:
+    """(lost, out of order) among the echoes' sequence numbers, of SENT messages numbered from 0:
+    lost, sent and never echoed; out of order, an echo numbered at or below the one before it
+    (a duplicate, or overtaken) or never sent."""
+    lost = sent - len(set(seqs).intersection(range(sent)))
+    disorder = sum(1 for i, s in enumerate(seqs) if s >= sent or (i and s <= seqs[i - 1]))
+    return lost, disorder
+
+
+def handover_log(lines: list[tuple[float, str]]) -> tuple[float | None, int | None]:
+    """From the old daemon's timed log lines: the seconds between its "handover: pid N takes
+    over" and "handover: pid N took over M fds; exiting", and M."""
+    takes = next((t for t, line in lines if re.search(r"handover: pid \S+ takes over", line)), None)
+    for t, line in lines:
+        m = re.search(r"handover: pid \S+ took over ([0-9]+) fds", line)
+        if m:
+            return (None if takes is None else t - takes), int(m.group(1))
+    return None, None
+
+
+@dataclasses.dataclass
+class Takeover:
+    seconds: float  # from starting wormholed --takeover until the old one exited and the new one answered a ping
+    exit_s: float  # until the old daemon exited
+    old_log_s: float | None  # between the old daemon's "takes over" and "took over N fds", as they came
+    fds: int | None  # the fds it handed over (its log)
+    started: float  # time.monotonic() when wormholed --takeover started
+
+
+@dataclasses.dataclass
+class PauseRun:
+    """One engine's stream through takeovers."""
+
+    name: str  # the row: wormhole, wormhole-python
+    baseline: GapStats | None = None
+    during: GapStats | None = None
+    pauses_ms: list[float | None] = dataclasses.field(default_factory=list)  # the longest gap after each takeover
+    sent: int = 0
+    echoed: int = 0
+    lost: int | None = None
+    out_of_order: int | None = None
+    rtt_max_ms: float | None = None  # the longest a message waited for its echo
+    takeovers: list[Takeover] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class HandoverCount:
+    """Takeovers timed with COUNT idle connections held through the wormhole."""
+
+    count: int  # connections asked for
+    conns: int = 0  # held (fewer than count where RLIMIT_NOFILE leaves no room: note)
+    takeovers: list[Takeover] = dataclasses.field(default_factory=list)
+    pauses_ms: list[float | None] = dataclasses.field(default_factory=list)  # the stream's, in each takeover
+    echoed: int | None = None  # of conns, how many echoed after the takeovers
+    note: str | None = None
+
+
+@dataclasses.dataclass
+class HandoverResult:
+    pauses: list[PauseRun]
+    engine: str  # the WORMHOLE_ENGINE of the timed takeovers
+    counts: list[HandoverCount]
+    takeovers: int = HANDOVER_TAKEOVERS  # during each stream
+    every: float = HANDOVER_EVERY
+    baseline: float = HANDOVER_BASELINE
+    interval: float = STREAM_INTERVAL
+    runs: int = HANDOVER_RUNS  # timed takeovers per count
+    stream: PauseRun | None = None  # the stream beside the held connections through the timed takeovers
+    error: str | None = None  # nothing measured (the echo server did not start)
+
+
+def echo_server(port: int) -> None:
+    """Send every byte back on each connection (epoll, one thread) until killed: the handover
+    section's target, a process of its own (see echo_target)."""
+    lst = socket.create_server(("127.0.0.1", port), backlog=4096)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)  # inherited by accepted sockets
+    lst.setblocking(False)
+    ep = select.epoll()
+    ep.register(lst.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    unsent: dict[int, bytes] = {}
+    while True:
+        for fd, events in ep.poll():
+            if fd == lst.fileno():
+                while True:
+                    try:
+                        conn, _ = lst.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    conn.setblocking(False)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conns[conn.fileno()] = conn
+                    ep.register(conn.fileno(), select.EPOLLIN)
+                continue
+            conn = conns[fd]
+            try:
+                data = b""
+                if events & ~select.EPOLLOUT:
+                    data = conn.recv(1 << 16)
+                    if not data:
+                        raise EOFError
+                data = unsent.pop(fd, b"") + data
+                sent = conn.send(data) if data else 0
+                if sent < len(data):  # rare: the echo waits for room; reading stops meanwhile
+                    unsent[fd] = data[sent:]
+                    ep.modify(fd, select.EPOLLOUT)
+                elif events & select.EPOLLOUT:
+                    ep.modify(fd, select.EPOLLIN)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except (OSError, EOFError):
+                ep.unregister(fd)
+                conns.pop(fd).close()
+                unsent.pop(fd, None)
+
+
+@contextlib.contextmanager
+def echo_target(tmp: Path) -> Iterator[int]:
+    port = free_port()
+    here = str(Path(__file__).resolve().parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import run; run.echo_server({port})"
+    with Proc("echo-server", [sys.executable, "-c", code], tmp) as p:
+        wait_listening(port, p)
+        yield port
+
+
+def connect_held(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def echo_check(socks: list[socket.socket], timeout: float = 15.0) -> int:
+    """Send 8 bytes on each connection and wait for each to come back: how many did not."""
+    payload = b"echo me!"
+    ep = select.epoll()
+    waiting: dict[int, tuple[socket.socket, bytes]] = {}
+    ok = 0
+    try:
+        for s in socks:
+            try:
+                s.sendall(payload)
+            except OSError:
+                continue
+            ep.register(s.fileno(), select.EPOLLIN)
+            waiting[s.fileno()] = (s, b"")
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for fd, _ in ep.poll(max(deadline - time.monotonic(), 0.001)):
+                s, got = waiting[fd]
+                try:
+                    data = s.recv(64)
+                except OSError:
+                    data = b""
+                got += data
+                if not data or len(got) >= len(payload):
+                    ok += got == payload
+                    ep.unregister(fd)
+                    del waiting[fd]
+                else:
+                    waiting[fd] = (s, got)
+    finally:
+        ep.close()
+    return len(socks) - ok
+
+
+class EchoStream:
+    """A client of the echo server: one thread sends a STREAM_MESSAGE every `interval`, on
+    schedule, another times each echo as it comes back."""
+
+    def __init__(self, port: int, interval: float = STREAM_INTERVAL):
+        self.sock = connect_held(port)
+        self.sock.settimeout(None)
+        self.interval = interval
+        self.sent = 0
+        self.seqs: list[int] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each echo
+        self.rtt_max = 0.0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._closing = False
+        self._sender = threading.Thread(target=self._send, daemon=True)
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+
+    def __enter__(self) -> "EchoStream":
+        self._receiver.start()
+        self._sender.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish(0)
+
+    def _send(self) -> None:
+        start = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                wait = start + self.sent * self.interval - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                self.sock.sendall(STREAM_MESSAGE.pack(self.sent, time.monotonic()))
+                self.sent += 1
+        except OSError as exc:
+            self.error = self.error or f"send: {exc}"
+
+    def _receive(self) -> None:
+        size, buf = STREAM_MESSAGE.size, b""
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                now = time.monotonic()
+                if not data:
+                    if not self._closing:
+                        self.error = self.error or "the connection was closed"
+                    return
+                buf += data
+                n = len(buf) // size
+                for i in range(n):
+                    seq, at = STREAM_MESSAGE.unpack_from(buf, i * size)
+                    self.seqs.append(seq)
+                    self.arrivals.append(now)
+                    self.rtt_max = max(self.rtt_max, now - at)
+                buf = buf[n * size:]
+        except OSError as exc:
+            if not self._closing:
+                self.error = self.error or f"recv: {exc}"
+
+    def finish(self, timeout: float = 5.0) -> None:
+        """Stop sending, wait (at most TIMEOUT s) for the echoes of all that was sent, close."""
+        self._stop.set()
+        if self._sender.is_alive():
+            self._sender.join()
+        deadline = time.monotonic() + timeout
+        while len(self.seqs) < self.sent and self._receiver.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._receiver.is_alive():
+            self._receiver.join(5)
+        self.sock.close()
+
+
+def pinger(daemon: Wormhole, timeout: float = 30.0) -> Callable[[], None]:
+    """`wormhole ping` made in this process (no process start in the figure): one call on a
+    fresh TLS-PSK connection to the daemon's unix socket. A connection made while no daemon
+    serves the socket waits in its backlog until one does."""
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    from wormhole.addr import Address
+    from wormhole.client import call_once
+    from wormhole.keys import client_context, load_key
+
+    key = load_key(str(daemon.key))
+    ctx, addr = client_context(key), Address("unix", path=str(daemon.sock))
+
+    def ping() -> None:
+        try:
+            call_once(addr, key, "ping", ctx=ctx, timeout=timeout)
+        except Exception as exc:  # RpcError, Failed
+            raise BenchError(f"no answer to ping after the takeover: {exc}") from None
+    return ping
+
+
+def take_over(daemon: Wormhole, ping: Callable[[], None], timeout: float = 30.0) -> Takeover:
+    """Start `wormholed --takeover` with the daemon's flags and state dir; the time until the old
+    one exited (0) and the new one answered a ping. daemon.proc is the new one after; the old
+    one, where the takeover failed."""
+    old = daemon.proc
+    old_fd = os.pidfd_open(old.popen.pid)
+    new = None
+    try:
+        start = time.monotonic()
+        new = daemon.spawn("--takeover")
+        new_fd = os.pidfd_open(new.popen.pid)
+        try:
+            poller = select.poll()  # not select(): the fds of held connections pass 1024
+            for fd in (old_fd, new_fd):
+                poller.register(fd, select.POLLIN)
+            ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+        finally:
+            os.close(new_fd)
+        exited = time.monotonic()
+        if old_fd not in ready:
+            raise BenchError((f"wormholed --takeover exited with {new.popen.wait()}" if ready else
+                              f"the old wormholed did not exit within {timeout:.0f} s of wormholed --takeover")
+                             + f": {new.tail(1)}")
+    except BaseException:
+        if new is not None:
+            new.stop()  # the old one, if it serves on, is still daemon.proc
+        raise
+    finally:
+        os.close(old_fd)
+    daemon.proc = new
+    code = old.popen.wait()
+    if code != 0:
+        raise BenchError(f"the old wormholed exited with {code}: {old.tail(1)}")
+    ping()
+    answered = time.monotonic()
+    reader = getattr(old, "reader", None)
+    if reader is not None:
+        reader.join(5)  # its pipe closed at its exit
+    old_log_s, fds = handover_log(getattr(old, "lines", []))
+    old.stop()  # stragglers of its group (none)
+    return Takeover(answered - start, exited - start, old_log_s, fds, start)
+
+
+def _pause_run(pr: PauseRun, h: HandoverResult, tmp: Path, echo: int, log: Callable[[str], None]) -> None:
+    with Wormhole(tmp, ENGINES[pr.name], stamped=True) as daemon, daemon.proxy(tmp, echo) as (port, _):
+        ping = pinger(daemon)
+        log(f"{pr.name}: a message every {h.interval * 1000:g} ms, {h.baseline:g} s alone, then "
+            f"{h.takeovers} takeovers {h.every:g} s apart")
+        with EchoStream(port, h.interval) as stream:
+            try:
+                time.sleep(h.baseline)
+                for _ in range(h.takeovers):
+                    pr.takeovers.append(take_over(daemon, ping))
+                    time.sleep(h.every)
+                    if stream.error:
+                        break
+            except BenchError as exc:  # the figures of the stream so far stand, with the error
+                pr.error = str(exc)
+            finally:
+                stream.finish()
+        stream_figures(pr, stream)
+
+
+def stream_figures(pr: PauseRun, stream: EchoStream) -> None:
+    """A finished stream's gaps, pauses (pr.takeovers made meanwhile) and sequence numbers; its
+    error, if any, in pr.error."""
+    pr.baseline, pr.during = split_gaps(stream.arrivals, pr.takeovers[0].started if pr.takeovers else None)
+    pr.pauses_ms = pauses(stream.arrivals, pause_windows(pr.takeovers))
+    pr.sent, pr.echoed = stream.sent, len(stream.seqs)
+    pr.lost, pr.out_of_order = sequence_faults(stream.seqs, stream.sent)
+    pr.rtt_max_ms = stream.rtt_max * 1000
+    if stream.error:
+        pr.error = pr.error or f"the stream: {stream.error}"
+
+
+def handover_room(engine: str) -> int:
+    """The connections RLIMIT_NOFILE leaves room for: in the daemon (HANDOVER_FDS each, its hard
+    limit: it raises its soft one to it), in this process and in the echo server (1 each)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, min((hard - 256) // HANDOVER_FDS[engine], soft - 256))
+
+
+def _handover_times(h: HandoverResult, tmp: Path, echo: int, log: Callable[[str], None]) -> None:
+    room = handover_room(h.engine)
+    for c in h.counts:
+        c.conns = min(c.count, room)
+        if c.conns < c.count:
+            c.note = (f"{c.conns} connections, not {c.count}: {HANDOVER_FDS[h.engine]} fds each in the daemon "
+                      f"and RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[1]}")
+    socks: list[socket.socket] = []
+    h.stream = pr = PauseRun(f"{h.engine} engine, timed")
+    try:
+        with Wormhole(tmp, h.engine, stamped=True) as daemon, daemon.proxy(tmp, echo) as (port, _), \
+                EchoStream(port, h.interval) as stream:
+            ping = pinger(daemon)
+            for i, c in enumerate(h.counts):
+                try:
+                    log(f"handover: {c.conns} connection(s), {h.runs} timed takeovers")
+                    while len(socks) < c.conns:
+                        batch = []
+                        try:
+                            for _ in range(min(CONNECT_BATCH, c.conns - len(socks))):
+                                batch.append(connect_held(port))
+                        finally:
+                            socks += batch
+                        failed = echo_check(batch)
+                        if failed:
+                            raise BenchError(f"{failed} of {len(batch)} new connections did not echo")
+                    for _ in range(h.runs):
+                        c.takeovers.append(take_over(daemon, ping))
+                        pr.takeovers.append(c.takeovers[-1])
+                        time.sleep(TIMED_SETTLE)
+                    c.echoed = len(socks) - echo_check(socks)
+                except (BenchError, OSError) as exc:
+                    log(f"handover: {exc}")
+                    c.note = str(exc)
+                    for rest in h.counts[i + 1:]:
+                        rest.note = f"not measured: {exc}"
+                    break
+            stream.finish()
+        stream_figures(pr, stream)
+        done = 0
+        for c in h.counts:
+            c.pauses_ms = pr.pauses_ms[done:done + len(c.takeovers)]
+            done += len(c.takeovers)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def measure_handover(names: list[str], log: Callable[[str], None], *, takeovers: int = HANDOVER_TAKEOVERS,
+                     every: float = HANDOVER_EVERY, baseline: float = HANDOVER_BASELINE,
+                     counts: tuple[int, ...] = HANDOVER_COUNTS, runs: int = HANDOVER_RUNS) -> HandoverResult | None:
+    """For each selected wormhole row, a steady stream's gaps through TAKEOVERS takeovers; then the
+    time of a takeover with each of COUNTS idle connections held (the native engine's daemon, or
+    the Python relay's when only wormhole-python is selected). None unless a wormhole row is."""
+    engines = [n for n in names if n in ENGINES]
+    if not engines:
+        return None
+    timed = ENGINES["wormhole" if "wormhole" in engines else engines[0]]
+    h = HandoverResult([PauseRun(n) for n in engines], timed, [HandoverCount(c) for c in counts],
+                       takeovers, every, baseline, STREAM_INTERVAL, runs)
+    tmp = Path(tempfile.mkdtemp(prefix="wormhole-bench-handover-"))
+    try:
+        with echo_target(tmp) as echo:
+            for pr in h.pauses:
+                try:
+                    _pause_run(pr, h, tmp, echo, log)
+                except BenchError as exc:
+                    log(f"{pr.name} handover: {exc}")
+                    pr.error = str(exc)
+            if counts:
+                _handover_times(h, tmp, echo, log)
+    except BenchError as exc:  # the echo server or the daemon did not start
+        log(f"handover: {exc}")
+        h.error = str(exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return h
+
+
+def _ms(values: list[float | None], how: Callable[[list[float]], float] = statistics.median) -> float | None:
+    known = [v for v in values if v is not None]
+    return how(known) * 1000 if known else None
+
+
+def handover_table(h: HandoverResult) -> str:
+    """The pause of a stream through takeovers, per engine; the time of a takeover, per count."""
+    lines = [f"handover: `wormholed --takeover` (the daemon's flags and --state-dir) while a client sends a "
+             f"{STREAM_MESSAGE.size}-byte message\nevery {h.interval * 1000:g} ms through a wormhole to an echo "
+             f"server: {h.baseline:g} s alone (baseline), then {h.takeovers} takeovers {h.every:g} s apart;\n"
+             f"gap: between consecutive echoes; pause: the longest gap after each takeover; lost and out of order: "
+             f"by sequence number\n"]
+    if h.error:
+        return "\n".join(lines + [f"n/a ({h.error})"])
+    width = max([len("engine")] + [len(p.name) for p in h.pauses])
+    heads = ("max gap ms", "p99 ms", "max gap ms", "p99 ms", "sent", "lost", "out of order")
+    widths = (10, 7, 12, 7, 7, 5, 13)
+    head = " ".join(f"{t:>{w}}" for t, w in zip(heads, widths)) + "  pause per takeover ms"
+    groups = f"{'baseline':^18} {f'with {h.takeovers} takeovers':^20}"
+    rows = []
+    for p in h.pauses:
+        if p.error and p.baseline is None:
+            rows.append(f"{p.name:<{width}}  n/a ({p.error})")
+            continue
+        cells = [_fmt(g and getattr(g, a), "{:.1f}") for g in (p.baseline, p.during) for a in ("max_ms", "p99_ms")]
+        cells += [str(p.sent), _fmt(p.lost, "{}"), _fmt(p.out_of_order, "{}")]
+        line = (f"{p.name:<{width}}  " + " ".join(f"{t:>{w}}" for t, w in zip(cells, widths)) + "  "
+                + (" ".join(_fmt(x, "{:.0f}") for x in p.pauses_ms) or "-"))
+        rows.append(line + (f"  ({p.error})" if p.error else ""))
+    lines += [f"{'':<{width}}  {groups}".rstrip(), f"{'engine':<{width}}  {head}", "-" * (width + 2 + len(head)), *rows]
+    if not h.counts:
+        return "\n".join(lines)
+    lines += ["", f"takeover time: from starting `wormholed --takeover` until the old daemon exited and the new "
+                  f"one answered a ping, with N\nestablished idle connections through one wormhole ({h.engine} "
+                  f"engine) beside a stream as above, {h.runs} takeovers each; medians and max;\nold's log: "
+                  f"between the old daemon's lines \"takes over\" and \"took over M fds\" (M: fds); pause: the "
+                  f"stream's longest gap;\necho: the connections that echoed after the takeovers\n"]
+    heads = ("takeover ms", "max ms", "old exited ms", "old's log ms", "pause ms", "max ms", "fds", "echo")
+    widths = (11, 7, 13, 12, 8, 7, 6, 11)
+    head = "  ".join(f"{t:>{w}}" for t, w in zip(heads, widths))
+    lines += [f"{'N':>6}  {head}", "-" * (8 + len(head))]
+    notes = []
+    for c in h.counts:
+        t = c.takeovers
+        fds = [x.fds for x in t if x.fds is not None]
+        cells = [_fmt(_ms([x.seconds for x in t]), "{:.0f}"), _fmt(_ms([x.seconds for x in t], max), "{:.0f}"),
+                 _fmt(_ms([x.exit_s for x in t]), "{:.0f}"), _fmt(_ms([x.old_log_s for x in t]), "{:.1f}"),
+                 _fmt(median([x for x in c.pauses_ms if x is not None]), "{:.0f}"),
+                 _fmt(max([x for x in c.pauses_ms if x is not None], default=None), "{:.0f}"),
+                 _fmt(median(fds), "{:.0f}"), "-" if c.echoed is None else f"{c.echoed}/{c.conns}"]
+        line = f"{c.count:>6}  " + "  ".join(f"{x:>{w}}" for x, w in zip(cells, widths))
+        if c.note:
+            notes.append(c.note)
+            line += f" [{len(notes)}]"
+        lines.append(line)
+    if h.stream is not None:
+        st = h.stream
+        line = (f"the stream: {st.sent} messages sent, {_fmt(st.lost, '{}')} lost, {_fmt(st.out_of_order, '{}')} "
+                f"out of order; its longest gap {_fmt(st.during and st.during.max_ms, '{:.0f}')} ms")
+        if st.error:
+            notes.append(f"the stream: {st.error}")
+            line += f" [{len(notes)}]"
+        lines.append(line)
+    lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def handover_to_json(h: HandoverResult) -> dict:
+    def takeovers(t: list[Takeover]) -> dict:
+        return {"takeover_s": [x.seconds for x in t], "old_exit_s": [x.exit_s for x in t],
+                "old_log_s": [x.old_log_s for x in t], "fds": [x.fds for x in t]}
+
+    def gaps(prefix: str, g: GapStats | None) -> dict:
+        return {f"{prefix}gap_max_ms": g and g.max_ms, f"{prefix}gap_p99_ms": g and g.p99_ms}
+
+    def stream(p: PauseRun) -> dict:
+        return {"name": p.name, **gaps("baseline_", p.baseline), **gaps("", p.during), "pauses_ms": p.pauses_ms,
+                "sent": p.sent, "echoed": p.echoed, "lost": p.lost, "out_of_order": p.out_of_order,
+                "rtt_max_ms": p.rtt_max_ms, **takeovers(p.takeovers), "error": p.error}
+
+    return {
+        "interval_ms": h.interval * 1000, "baseline_s": h.baseline, "takeovers": h.takeovers, "every_s": h.every,
+        "error": h.error, "pause": [stream(p) for p in h.pauses],
+        "engine": h.engine, "runs": h.runs,
+        "times": [{"connections_asked": c.count, "connections": c.conns, "echoed_after": c.echoed,
+                   "takeover_p50_s": median([x.seconds for x in c.takeovers]), "pauses_ms": c.pauses_ms,
+                   **takeovers(c.takeovers), "note": c.note} for c in h.counts],
+        "times_stream": stream(h.stream) if h.stream else None,
+    }
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt  # unwinds through every finally/with like Ctrl-C
 
@@ -1664,6 +2294,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, tunnel_rows, veth_mtu = run(names, opts, log)
         costs = measure_metrics_cost(names, opts, log)
         cli_times = measure_cli(names, log)
+        handover = measure_handover(names, log)
     except KeyboardInterrupt:
         print("bench: interrupted; every process stopped", file=sys.stderr)
         return 130
@@ -1677,6 +2308,8 @@ def main(argv: list[str] | None = None) -> int:
             meta["metrics_cost"] = metrics_cost_to_json(costs)
         if cli_times:
             meta["cli"] = cli_to_json(cli_times)
+        if handover:
+            meta["handover"] = handover_to_json(handover)
         print(rows_to_json(rows, meta, tunnel.tunnel_to_json(tunnel_rows) if tunnel_rows else None))
     else:
         header = (f"wormhole bench  {started:%Y-%m-%d %H:%M:%S %Z}  nproc {nproc}  "
@@ -1689,6 +2322,8 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(metrics_cost_table(costs))
         if cli_times:
             tables.append(cli_table(cli_times))
+        if handover:
+            tables.append(handover_table(handover))
         if tunnel_rows:
             tables.append(tunnel.format_tunnel_table(
                 tunnel_rows, tunnel.tunnel_header(args.duration, veth_mtu)))

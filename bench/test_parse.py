@@ -819,3 +819,114 @@ def test_lab_header_says_tcg_figures_are_for_ratios():
     when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
     assert "without KVM (TCG): figures are for ratios only" in lab.lab_header(when, 5, "qemu")
     assert "virt kvm" in lab.lab_header(when, 5, "kvm") and "TCG" not in lab.lab_header(when, 5, "kvm")
+
+
+# -- handover ------------------------------------------------------------------------
+
+def test_echo_gaps_and_their_statistics():
+    arrivals = [10.000, 10.001, 10.002, 10.300, 10.300, 10.301]
+    assert run.echo_gaps(arrivals) == pytest.approx([1, 1, 298, 0, 1])
+    g = run.gap_stats(arrivals)
+    assert (g.max_ms, g.echoes) == (pytest.approx(298), 6)
+    assert g.p99_ms == pytest.approx(298)  # nearest rank of 5 gaps: the largest
+    steady = [i * 0.001 for i in range(1001)] + [1.5]  # 1000 gaps of 1 ms, then one of 500
+    g = run.gap_stats(steady)
+    assert g.max_ms == pytest.approx(500) and g.p99_ms == pytest.approx(1)
+    assert run.gap_stats([]) is None and run.gap_stats([1.0]) is None
+
+
+def test_split_gaps_gives_the_gap_across_the_mark_to_the_takeovers():
+    arrivals = [0.0, 0.001, 0.002, 0.2, 0.201]
+    base, during = run.split_gaps(arrivals, 0.1)
+    assert base.max_ms == pytest.approx(1) and base.echoes == 3
+    assert during.max_ms == pytest.approx(198) and during.echoes == 3
+    assert run.split_gaps(arrivals, None)[1] is None
+    assert run.split_gaps(arrivals, None)[0].max_ms == pytest.approx(198)
+
+
+def test_pauses_per_takeover_window():
+    def takeover(started, seconds):
+        return run.Takeover(seconds=seconds, exit_s=seconds, old_log_s=None, fds=None, started=started)
+    takeovers = [takeover(1.0, 0.5), takeover(3.0, 0.5), takeover(3.6, 0.2)]
+    windows = run.pause_windows(takeovers, slack=1.0)
+    assert windows == [(1.0, 2.5), (3.0, 3.6), (3.6, pytest.approx(4.8))]
+    arrivals = [0.5, 0.9, 1.05, 1.09, 1.1, 2.0, 2.9, 3.0, 3.05, 3.07, 5.0]
+    got = run.pauses(arrivals, windows)
+    # 1.09 -> 1.1 ms gaps and 1.1 -> 2.0 (900 ms) end in the first window; 2.9 -> 3.0 ends
+    # at 3.0, inside the second; nothing ends in the third (5.0 is past it)
+    assert got[0] == pytest.approx(900) and got[1] == pytest.approx(100) and got[2] is None
+    assert run.pauses([], windows) == [None, None, None]
+    assert run.pauses([1.0, 1.2], [(0.0, 2.0)]) == [pytest.approx(200)]  # the first echo ends no gap
+
+
+@pytest.mark.parametrize("seqs, sent, expected", [
+    ([0, 1, 2, 3], 4, (0, 0)),
+    ([0, 1, 3], 4, (1, 0)),  # 2 lost: a jump alone is not disorder
+    ([0, 2, 1, 3], 4, (0, 1)),  # 1 overtaken by 2
+    ([0, 1, 1, 2, 3], 4, (0, 1)),  # a duplicate
+    ([0, 1, 2, 9], 4, (1, 1)),  # never sent, and 3 lost
+    ([], 3, (3, 0)),
+])
+def test_sequence_faults(seqs, sent, expected):
+    assert run.sequence_faults(seqs, sent) == expected
+
+
+def test_handover_log_times_the_old_daemons_lines():
+    lines = [(1.0, "wormholed: INFO listening on unix:///x"),
+             (5.000, "wormholed: INFO handover: pid 77 takes over; stopping to hand over"),
+             (5.012, "wormholed: INFO handover: pid 77 took over 10003 fds; exiting")]
+    seconds, fds = run.handover_log(lines)
+    assert seconds == pytest.approx(0.012) and fds == 10003
+    assert run.handover_log(lines[:2]) == (None, None)
+    assert run.handover_log([lines[2]]) == (None, 10003)
+
+
+def handover_result():
+    def takeover(seconds, exit_s, log_s, fds):
+        return run.Takeover(seconds, exit_s, log_s, fds, started=0.0)
+    gaps = run.GapStats
+    pauses = [run.PauseRun("wormhole", gaps(1.6, 1.1, 3000), gaps(61.4, 1.2, 13000), [61, 39, 34, 41, 44],
+                           16505, 16505, 0, 0, 70.0),
+              run.PauseRun("wormhole-python", error="wormholed exited with 1: boom")]
+    counts = [run.HandoverCount(1, 1, [takeover(0.52, 0.49, 0.0028, 5)] * 3, [30, 31, 32], 1),
+              run.HandoverCount(5000, 3290, [takeover(1.06, 0.93, 0.2154, 10003), takeover(1.2, 1.0, 0.3, 10003)],
+                                [200, 250], 3290, note="3290 connections, not 5000: 6 fds each")]
+    stream = run.PauseRun("native engine, timed", during=gaps(250.0, 1.3, 9000), sent=9100, echoed=9100, lost=0,
+                          out_of_order=0)
+    return run.HandoverResult(pauses, "native", counts, runs=3, stream=stream)
+
+
+def test_handover_table():
+    text = run.handover_table(handover_result())
+    lines = text.splitlines()
+    assert "every 1 ms" in text and "then 5 takeovers 2 s apart" in text
+    row = next(line for line in lines if line.startswith("wormhole "))
+    assert row.split() == ["wormhole", "1.6", "1.1", "61.4", "1.2", "16505", "0", "0", "61", "39", "34", "41", "44"]
+    assert "wormhole-python  n/a (wormholed exited with 1: boom)" in lines
+    one = next(line for line in lines if line.split()[:1] == ["1"])
+    assert one.split() == ["1", "520", "520", "490", "2.8", "31", "32", "5", "1/1"]
+    many = next(line for line in lines if line.split()[:1] == ["5000"])
+    assert many.split() == ["5000", "1130", "1200", "965", "257.7", "225", "250", "10003", "3290/3290", "[1]"]
+    assert "[1] 3290 connections, not 5000: 6 fds each" in lines
+    assert "the stream: 9100 messages sent, 0 lost, 0 out of order; its longest gap 250 ms" in lines
+    # every row lines up under its heads
+    heads = next(line for line in lines if line.startswith("engine"))
+    assert heads.index("sent") + len("sent") == row.index("16505") + len("16505")
+
+
+def test_handover_table_without_echo_server():
+    h = run.HandoverResult([], "native", [], error="echo-server exited with 1")
+    assert run.handover_table(h).endswith("n/a (echo-server exited with 1)")
+
+
+def test_handover_json():
+    doc = json.loads(json.dumps(run.handover_to_json(handover_result())))
+    assert doc["interval_ms"] == 1 and doc["takeovers"] == 5 and doc["engine"] == "native"
+    w, py = doc["pause"]
+    assert (w["gap_max_ms"], w["baseline_gap_p99_ms"], w["lost"], w["pauses_ms"][0]) == (61.4, 1.1, 0, 61)
+    assert py["error"].startswith("wormholed exited") and py["gap_max_ms"] is None
+    one, many = doc["times"]
+    assert one["takeover_p50_s"] == 0.52 and one["old_log_s"] == [0.0028] * 3 and one["echoed_after"] == 1
+    assert (many["connections_asked"], many["connections"]) == (5000, 3290)
+    assert many["note"] == "3290 connections, not 5000: 6 fds each"
+    assert doc["times_stream"]["sent"] == 9100
