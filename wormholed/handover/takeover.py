@@ -65,7 +65,6 @@ class Server:
         self._export, self._resume = export, resume
         self._sock: socket.socket | None = None
         self._task: asyncio.Task | None = None
-        self.busy = False
 
     def start(self) -> None:
         """Listen for a successor; where the state dir takes no socket (read-only), say that
@@ -116,7 +115,6 @@ class Server:
             _send(conn, {"refused": why})
             return
         log.info("handover: pid %s takes over; stopping to hand over", hello.get("pid"))
-        self.busy = True
         record, fds = await self._export()
         try:
             await asyncio.to_thread(transfer.send, conn, record, fds)
@@ -130,7 +128,6 @@ class Server:
             os._exit(0)
         log.error("handover: the successor did not take over: %s; serving on", reply.get("refused", reply))
         await self._resume(record, fds)
-        self.busy = False
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -172,8 +169,6 @@ def request(state_dir: str, timeout: float = TIMEOUT) -> tuple[dict, list[int], 
         for fd in fds:
             os.close(fd)
         sock.close()
-        if isinstance(e, HandoverError):
-            raise
         raise HandoverError(f"the handover broke off: {e}") from None
     except BaseException:
         for fd in fds:
