@@ -51,9 +51,10 @@ def ns_inode(path: str) -> tuple[int, int]:
 def test_a_pod_is_found_followed_when_recreated_and_refused_when_gone(ctd):
     pod = ctd.run_pod("demo", "web")
     sandbox_id, path, pid = lookup(ctd, "demo", "web")
-    assert sandbox_id == pod.sandbox_id and path and pid is None
+    assert sandbox_id == pod.sandbox_id and path and pid
     server = int(ctd.ctr("tasks", "ls").split(pod.container_id)[1].split()[0])
     assert ns_inode(path) == ns_inode(f"/proc/{server}/ns/net"), "the server container's namespace"
+    assert ns_inode(path) == ns_inode(f"/proc/{pid}/ns/net"), "the sandbox's pid: the same namespace"
     assert ns_inode(path) != ns_inode("/proc/self/ns/net")
     data = os.urandom(1 << 20)
     assert echo_in(path, "127.0.0.1", data) == data

@@ -36,7 +36,7 @@ def sandbox(sid, namespace="demo", name="web", state="SANDBOX_READY", created_at
 def test_containerd16_pod():
     recorded = info("containerd16_pod")
     path, pid = netns_of(recorded)
-    assert pid is None
+    assert pid == recorded["pid"] > 0
     assert path.endswith(recorded["cniResult"]["Interfaces"]["eth0"]["Sandbox"].rsplit("/", 1)[1])
     assert "/netns/cni-" in path
 
@@ -44,7 +44,7 @@ def test_containerd16_pod():
 def test_containerd2_pod():
     recorded = info("containerd2_pod")
     assert "runtimeHandler" not in recorded and "sandboxMetadata" in recorded
-    assert netns_of(recorded) == ("/var/run/netns/cni-5b2f0c1e-8d3a-4f6b-9c7e-1a2b3c4d5e6f", None)
+    assert netns_of(recorded) == ("/var/run/netns/cni-5b2f0c1e-8d3a-4f6b-9c7e-1a2b3c4d5e6f", 48213)
     assert netns_of(recorded)[0] == recorded["sandboxMetadata"]["NetNSPath"]
 
 
@@ -71,8 +71,11 @@ def test_the_hosts_own_namespace_is_refused():
         netns_of(recorded)
 
 
-def test_no_path_falls_back_to_the_sandbox_pid():
+def test_no_path_leaves_the_sandbox_pid_and_no_pid_the_path():
     recorded = info("containerd16_pod")
+    path = netns_of(recorded)[0]
+    for pid in (0, None, True, "12"):
+        assert netns_of({**recorded, "pid": pid}) == (path, None)
     for ns in recorded["runtimeSpec"]["linux"]["namespaces"]:
         ns.pop("path", None)
     assert netns_of(recorded) == (None, recorded["pid"])

@@ -8,8 +8,11 @@ one of NAMESPACE/NAME is the pod as it runs now; older attempts linger NOTREADY 
 kubelet removes them), and `PodSandboxStatus(verbose=true)` gives, in `info["info"]`, the
 runtime's own JSON about it, with the OCI runtime spec the sandbox was started with. Its
 `linux.namespaces` entry of type "network" has the path of the namespace (a bind mount
-such as /var/run/netns/cni-...), in containerd 1.6 and 2.x alike (and CRI-O). Where that
-entry has no path, the sandbox process's pid is the fallback (/proc/PID/ns/net).
+such as /var/run/netns/cni-...), in containerd 1.6 and 2.x alike (and CRI-O). The sandbox
+process's pid comes with it: /proc/PID/ns/net is the same namespace, and it is the one way
+in where the path is not visible, in a mount namespace made before the runtime bound the
+path (a daemon in a container, a test host here: "/" is not a shared mount, so the bind
+mount does not propagate), or where the entry has no path at all.
 
 A pod is resolved again for each connection: a deleted and recreated pod is another
 sandbox with another namespace, and the next connection follows it.
@@ -70,8 +73,9 @@ def _pod_label(info: dict) -> str:
 
 
 def netns_of(info: dict) -> tuple[str | None, int | None]:
-    """(network namespace path, None) from PodSandboxStatus's verbose info (info["info"],
-    decoded), or (None, sandbox pid) when the namespace entry has no path."""
+    """(network namespace path, sandbox pid) from PodSandboxStatus's verbose info (info["info"],
+    decoded). Either may be None, not both: the path when the namespace entry has none, the pid
+    when the info has none (or 0: the sandbox process is gone)."""
     pod = _pod_label(info)
     spec = info.get("runtimeSpec")
     if not isinstance(spec, dict):
@@ -88,11 +92,10 @@ def netns_of(info: dict) -> tuple[str | None, int | None]:
     path = network[0].get("path") or None
     if path in HOST_NETNS:
         raise CriError(f"{pod} uses the host's network namespace ({path})")
-    if path:
-        return path, None
     pid = info.get("pid")
-    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-        return None, pid
+    pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+    if path or pid:
+        return path, pid
     raise CriError(f"{pod}: the container runtime's sandbox info has neither a network namespace path nor a pid")
 
 
@@ -115,8 +118,8 @@ class Cri:
         self.timeout = timeout
 
     async def pod_netns(self, namespace: str, name: str) -> tuple[str, str | None, int | None]:
-        """(sandbox id, network namespace path, pid) of pod NAMESPACE/NAME as it runs now: path
-        set and pid None, or path None and the sandbox's pid (see netns_of). CriError otherwise."""
+        """(sandbox id, network namespace path, sandbox pid) of pod NAMESPACE/NAME as it runs now;
+        path or pid may be None, not both (see netns_of). CriError otherwise."""
         if not namespace or not name:
             raise CriError(f"invalid pod {namespace}/{name}: k8s-ns takes NAMESPACE/POD")
         return await asyncio.to_thread(self._pod_netns, namespace, name)
