@@ -395,3 +395,13 @@ def test_bad_tails():
     from wormhole.spec import MAX_TAILS
     with pytest.raises(SpecError, match="too many tails"):
         parse(["url", ":80"] + ["add-tail"] * MAX_TAILS)
+
+
+def test_k8s_ns_names_a_pod_and_reads_back():
+    p = P("url :8080 tail k8s-ns shop/web url :80")
+    assert p.tail.place == Place("k8s-ns", "shop/web") and str(p.tail) == "tcp://k8s:shop/web@127.0.0.1:80"
+    assert Url.parse(str(p.tail)).place == p.tail.place
+    assert Url.parse("unix://k8s:shop/web-1.x@/run/app.sock").place == Place("k8s-ns", "shop/web-1.x")
+    for bad in ("shop", "Shop/web", "shop/", "/web", "shop/web/x", "-shop/web", "s_hop/web"):
+        with pytest.raises(SpecError, match="bad pod"):
+            P(f"url :8080 tail k8s-ns {bad} url :80")

@@ -35,6 +35,8 @@ Words are read left to right; modifiers apply to the head until 'tail' or
   id ID              name the wormhole (default: a random UUID)
   docker-ns ID       live in that container's network namespace
   docker-run "ARGS"  'docker run -d ARGS' and live in its namespace
+  k8s-ns NS/POD      live in that Kubernetes pod's network namespace on this node (found
+                     through the container runtime; a tail finds it again for each connection)
   tail               following modifiers apply to the tail
   trigger            like tail; what follows runs on the first connection
   child              a child wormhole whose head starts as a copy of this tail

@@ -40,7 +40,7 @@ LINK_WORDS = {
 }
 # word -> number of arguments it takes
 ARITY = {
-    "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "tail": 0, "trigger": 0,
+    "url": 1, "id": 1, "docker-ns": 1, "docker-run": 1, "k8s-ns": 1, "tail": 0, "trigger": 0,
     "child": 0, "chain": 0, "remote": 1, "tunnel": 1, "udptunnel": 1,
     "max-conns": 1, "idle-timeout": 1, "mode": 1, "add-tail": 0, "balance": 1,
 }
@@ -148,23 +148,36 @@ def check_name(text: str, what: str) -> str:
 class Place:
     """Which network namespace an end lives in."""
 
-    kind: str  # "host" (the daemon's own), "netns", "docker-ns", "docker-run"
+    kind: str  # "host" (the daemon's own), "netns", "docker-ns", "docker-run", "k8s-ns" (arg NAMESPACE/POD)
     arg: str = ""
 
     @property
     def prefix(self) -> str | None:
         """How a URL names this place (`NAME@`, `docker:NAME@`); None: a URL cannot
         (a container still to be started)."""
-        return {"host": "", "netns": f"{self.arg}@", "docker-ns": f"docker:{self.arg}@"}.get(self.kind)
+        return {"host": "", "netns": f"{self.arg}@", "docker-ns": f"docker:{self.arg}@",
+                "k8s-ns": f"k8s:{self.arg}@"}.get(self.kind)
 
     def __str__(self) -> str:
         """As create's words would say it."""
         return {"host": "the daemon's namespace", "netns": f"netns {self.arg}",
-                "docker-ns": f"docker-ns {self.arg}", "docker-run": f'docker-run "{self.arg}"'}[self.kind]
+                "docker-ns": f"docker-ns {self.arg}", "docker-run": f'docker-run "{self.arg}"',
+                "k8s-ns": f"k8s-ns {self.arg}"}[self.kind]
 
 
 HOST = Place("host")
 DOCKER_PREFIX = "docker:"
+K8S_PREFIX = "k8s:"
+_K8S_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label
+_K8S_POD = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS-1123 subdomain
+
+
+def check_pod(text: str) -> str:
+    """NAMESPACE/POD as Kubernetes names them."""
+    namespace, sep, pod = text.partition("/")
+    if not sep or not _K8S_NAMESPACE.fullmatch(namespace) or not _K8S_POD.fullmatch(pod):
+        raise SpecError(f"bad pod {text!r}: write NAMESPACE/POD (lowercase letters, digits, '-', and '.' in the pod's name)")
+    return text
 
 
 @dataclass(frozen=True)
@@ -236,6 +249,8 @@ def _place_named(name: str) -> Place:
     """The place a URL's `NS@` or `docker:NAME@` names."""
     if name.startswith(DOCKER_PREFIX):
         return Place("docker-ns", check_name(name[len(DOCKER_PREFIX):], "container"))
+    if name.startswith(K8S_PREFIX):
+        return Place("k8s-ns", check_pod(name[len(K8S_PREFIX):]))
     return Place("netns", check_name(name, "namespace name"))
 
 
@@ -391,6 +406,8 @@ def _parse_segment(words: tuple[str, ...], i: int) -> SegmentSpec:
             fields["id"] = check_name(arg, "id")
         elif word == "docker-ns":
             set_end(dataclasses.replace(end(), place=Place("docker-ns", check_name(arg, "container"))))
+        elif word == "k8s-ns":
+            set_end(dataclasses.replace(end(), place=Place("k8s-ns", check_pod(arg))))
         elif word == "docker-run":
             if not arg.strip():
                 raise SpecError("'docker-run' needs the arguments of 'docker run' as one quoted word")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from wormhole.spec import Link, Plan, hostport
@@ -41,6 +42,7 @@ class Target:
     host: str | None
     port: int | None
     path: str | None = None  # a unix socket (host and port None)
+    resolve: Callable[[], Awaitable[Netns]] | None = None  # a k8s-ns tail: its namespace, per connection
 
     def url(self, proto: str) -> str:
         if self.path is not None:

@@ -66,6 +66,7 @@ class Config:
     fd_store: bool = False  # --fd-store: on SIGTERM, leave them in systemd's fd store
     fd_store_max: int = 65536  # --fd-store-max: the unit's FileDescriptorStoreMax=
     stored: tuple[bytes, list[int]] | None = None  # a handover systemd's fd store gave back
+    cri_socket: str | None = None  # --cri-socket: the container runtime k8s-ns places ask
 
 
 @dataclass
@@ -212,7 +213,7 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
         cidr=config.cidr, ports=config.ports, internal_ip=config.internal_ip, external_ip=config.external_ip,
         default_type=config.tunnel_type, wireguard_go=config.wireguard_go))
     hub = start_engine()
-    wormholes = Wormholes(state, Env(Places(docker), peers, tunnels, daemon_id, engine=hub, limits=config.limits))
+    wormholes = Wormholes(state, Env(Places(docker, config.cri_socket), peers, tunnels, daemon_id, engine=hub, limits=config.limits))
     control = ControlServer(methods(wormholes, peers, tunnels), config.key)
     socks = list(config.inherited)
     made = []
@@ -443,9 +444,12 @@ def _addrs(ctx, param, values):
 @click.option("--fd-store-max", type=click.IntRange(min=1), default=65536, show_default=True, metavar="N",
               help="The unit's FileDescriptorStoreMax=: with more fds to store, --fd-store stops without "
                    "handover (saying so) rather than lose some.")
+@click.option("--cri-socket", default="/run/containerd/containerd.sock", show_default=True, metavar="PATH",
+              help="The container runtime's CRI socket, asked where a k8s-ns NAMESPACE/POD's network namespace "
+                   "is (needs the 'k8s' extra: pip install 'ns-wormhole[k8s]').")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wireguard_go, state_dir, max_conns,
-        idle_timeout, metrics, takeover, fd_store, fd_store_max, verbose):
+        idle_timeout, metrics, takeover, fd_store, fd_store_max, cri_socket, verbose):
     """The wormhole daemon: runs the proxies `wormhole create` asks for.
 
     Runs as root. Commands arrive over TLS 1.3 authenticated by the pre-shared
@@ -462,7 +466,8 @@ def cli(addrs, key_file, internal_ip, external_ip, cidr, ports, tunnel_type, wir
         addrs = (Address.parse(":9999"),)
     config = Config(addrs, key, state_dir, internal_ip, external_ip or internal_ip, cidr, ports,
                     tunnel_type, wireguard_go, inherited, Defaults(max_conns, idle_timeout), metrics,
-                    takeover, fd_store, fd_store_max, (record, stored_fds) if record is not None else None)
+                    takeover, fd_store, fd_store_max, (record, stored_fds) if record is not None else None,
+                    cri_socket)
     try:
         uvloop.run(run(config))
     except StartError as e:

@@ -107,6 +107,17 @@ class Netns:
         return self.pidfd >= 0 and bool(select.select([self.pidfd], [], [], 0)[0])
 
     @classmethod
+    def at(cls, path: str, label: str, prefix: str = "") -> Netns:
+        """The namespace bound at `path` (a CRI runtime's /var/run/netns/cni-... file)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetnsError(f"cannot open the network namespace of {label} ({path}): {exc.strerror}") from None
+        ns = cls._checked(fd, label)
+        ns.prefix = prefix
+        return ns
+
+    @classmethod
     def _checked(cls, fd: int, label: str) -> Netns:
         # A stale /run/netns entry is a plain file once its bind mount is gone.
         try:

@@ -17,8 +17,13 @@ from .netns import Netns, NetnsError
 
 
 class Places:
-    def __init__(self, docker: Docker | None = None):
+    def __init__(self, docker: Docker | None = None, cri_socket: str | None = None):
+        """cri_socket: the container runtime's CRI socket, asked for k8s-ns places (None:
+        this daemon finds no pods). Its client (cri.py, the optional `k8s` extra) is loaded
+        on the first k8s-ns place."""
         self._docker = docker
+        self._cri_socket = cri_socket
+        self._cri = None
 
     async def open(self, place: Place, stack: contextlib.AsyncExitStack, owner: str, *,
                    adopt: list[str] | None = None, started=None) -> Netns | None:
@@ -32,6 +37,8 @@ class Places:
                 ns = Netns.named(place.arg)
             except NetnsError as e:
                 raise Refused(str(e)) from None
+        elif place.kind == "k8s-ns":
+            ns = (await self.pod(place))[1]
         elif self._docker is None:
             raise Refused(f"{place}: this wormholed has no Docker support")
         elif place.kind == "docker-ns":
@@ -49,3 +56,50 @@ class Places:
             raise Refused(f"unknown place {place}")
         stack.callback(ns.close)
         return ns
+
+    async def pod(self, place: Place) -> tuple[str, Netns]:
+        """(sandbox id, its namespace, opened) of a k8s-ns place's pod, found now through the
+        container runtime (CRI); the caller closes the namespace."""
+        from .cri import Cri, CriError
+
+        if self._cri_socket is None:
+            raise Refused(f"{place}: this wormholed has no container runtime to ask (--cri-socket)")
+        if self._cri is None:
+            self._cri = Cri(self._cri_socket)
+        namespace, name = place.arg.split("/", 1)
+        try:
+            sandbox, path, pid = await self._cri.pod_netns(namespace, name)
+            # The sandbox's process first: /proc/PID/ns/net is there in any mount namespace (the
+            # runtime's netns bind mount is not, unless / is a shared mount), and a pidfd of it
+            # tells when the pod is gone. The runtime spec's path otherwise.
+            try:
+                ns = Netns.of_pid(pid) if pid else Netns.at(path, f"pod {place.arg}")
+            except NetnsError:
+                if not path:
+                    raise
+                ns = Netns.at(path, f"pod {place.arg}")
+        except (CriError, NetnsError) as e:
+            raise Refused(str(e)) from None
+        ns.prefix = f"k8s:{place.arg}@"
+        return sandbox, ns
+
+    def follower(self, place: Place, stack: contextlib.AsyncExitStack, first: Netns):
+        """For a k8s-ns tail: an async function giving the pod's namespace for each new
+        connection, looked up again every time (a recreated pod is a new sandbox with a new
+        namespace). Namespaces it opens are closed with `stack`."""
+        current: dict = {"ns": first, "sandbox": None}
+
+        async def resolve() -> Netns:
+            sandbox, ns = await self.pod(place)
+            if current["sandbox"] is not None and sandbox == current["sandbox"]:
+                ns.close()
+                return current["ns"]
+            if ns == current["ns"]:  # the first lookup: the namespace open() gave
+                ns.close()
+            else:
+                stack.callback(ns.close)
+                current["ns"] = ns
+            current["sandbox"] = sandbox
+            return current["ns"]
+
+        return resolve

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -161,7 +162,9 @@ class Segment:
                 await self._arm()
             conns, idle = self.limits
             # The native engine relays one tcp tail; unix ends and several tails take the Python relay.
-            native = not head.unix and len(self.plan.all_tails) == 1 and not self.plan.tail.unix
+            # So does a k8s-ns tail, whose pod is looked up for each connection.
+            native = (not head.unix and len(self.plan.all_tails) == 1 and not self.plan.tail.unix
+                      and self.plan.tail.place.kind != "k8s-ns")
             if udp:
                 self._proxy = UdpProxy(sock, self._open_flow, stats=self.stats, log=log, max_flows=conns,
                                        idle_timeout=idle, name=f"wormhole {self.id}", closed=self._closed_tail)
@@ -227,6 +230,11 @@ class Segment:
             targets = [reached.target]
             for end in self.plan.tails:  # add-tail's
                 targets.append(Target(await self._open(end.place, stack), end.host, end.port, end.path))
+            for i, end in enumerate(self.plan.all_tails):  # a pod is looked up for each connection
+                if (end.place.kind == "k8s-ns" and end.place not in self._inherited
+                        and not (i == 0 and self.plan.linked)):
+                    targets[i] = dataclasses.replace(
+                        targets[i], resolve=self.env.places.follower(end.place, stack, targets[i].ns))
             tails = Tails(targets, self.plan.balance, f"wormhole {self.id}")
             stack.push_async_callback(tails.aclose)
         except BaseException:

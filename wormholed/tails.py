@@ -37,10 +37,11 @@ _NOT_YET = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
 
 async def dial_target(t: Target, *, timeout: float = 5.0, wait: FinishConnect | None = None,
                       retry: bool = True) -> socket.socket:
-    """A connected stream socket to a tail: tcp or unix."""
+    """A connected stream socket to a tail: tcp or unix (a k8s-ns tail's pod looked up again)."""
+    ns = await t.resolve() if t.resolve is not None else t.ns
     if t.path is not None:
-        return await dial_unix(t.ns, t.path, timeout=timeout if retry else 0.0)
-    return await dial(t.ns, t.host, t.port, timeout=timeout, wait=wait, retry=retry)
+        return await dial_unix(ns, t.path, timeout=timeout if retry else 0.0)
+    return await dial(ns, t.host, t.port, timeout=timeout, wait=wait, retry=retry)
 
 
 class Tails:
@@ -78,10 +79,10 @@ class Tails:
         """A UDP socket connected to the tail (or the next of the tails) for a new flow."""
         if self.balancer is None:
             t = self.targets[0]
-            return await dial_udp(t.ns, t.host, t.port)
+            return await dial_udp(await t.resolve() if t.resolve else t.ns, t.host, t.port)
         i = self.balancer.order(asyncio.get_running_loop().time())[0]
         t = self.targets[i]
-        sock = await dial_udp(t.ns, t.host, t.port)
+        sock = await dial_udp(await t.resolve() if t.resolve else t.ns, t.host, t.port)
         self.balancer.opened(i)
         self._open[id(sock)] = i
         return sock
