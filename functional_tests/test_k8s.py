@@ -76,3 +76,24 @@ def test_trigger_k8s_ns_waits_for_the_pod_and_a_daemon_without_a_runtime_says_so
     other = make_host(args=("--cri-socket", str(tmp_path / "none.sock")))
     r = other.wormhole("create", "url", ":8721", "tail", "k8s-ns", "demo/web", "url", ":80")
     assert r.returncode == 1 and "cannot reach the container runtime at" in r.stderr
+
+
+def test_a_tunnel_to_a_pod_on_another_node(make_host, ctd):
+    """Between nodes as between hosts: `url :8080 tunnel NODE-IP tail k8s-ns NS/POD url :80`,
+    the child on the pod's node finding the pod there."""
+    from harness import veth
+
+    h1 = make_host(key="k8s-key")
+    h2 = make_host(key="k8s-key", args=("--cri-socket", ctd.socket))
+    veth(h1, "192.0.2.1/24", h2, "192.0.2.2/24")
+    pod = ctd.run_pod("shop", "web")
+    try:
+        h1.create("id", "shop", "url", ":8730", "tunnel", "192.0.2.2", "tail", "k8s-ns", "shop/web", "url", ":80")
+        data = os.urandom(1 << 20)
+        assert echo(h1, 8730, data) == data
+        [child] = h2.list()
+        assert child["tail"] == "tcp://k8s:shop/web@127.0.0.1:80" and child["transport"] is None
+        h1.ok("delete", "shop")
+        h1.ok("tunnel-delete", "192.0.2.2")
+    finally:
+        ctd.remove_pod(pod)
