@@ -69,15 +69,15 @@ class Places:
         namespace, name = place.arg.split("/", 1)
         try:
             sandbox, path, pid = await self._cri.pod_netns(namespace, name)
-            # The sandbox's process first: /proc/PID/ns/net is there in any mount namespace (the
-            # runtime's netns bind mount is not, unless / is a shared mount), and a pidfd of it
-            # tells when the pod is gone. The runtime spec's path otherwise.
+            # The runtime spec's path; the sandbox process's namespace where that path is not
+            # one here: a bind mount made after this daemon's mount namespace was copied is not
+            # in it unless / is a shared mount (or /run/netns is mounted HostToContainer).
             try:
-                ns = Netns.of_pid(pid) if pid else Netns.at(path, f"pod {place.arg}")
+                ns = Netns.at(path, f"pod {place.arg}") if path else Netns.of_pid(pid)
             except NetnsError:
-                if not path:
+                if not pid:
                     raise
-                ns = Netns.at(path, f"pod {place.arg}")
+                ns = Netns.of_pid(pid)
         except (CriError, NetnsError) as e:
             raise Refused(str(e)) from None
         ns.prefix = f"k8s:{place.arg}@"
