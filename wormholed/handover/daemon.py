@@ -79,10 +79,8 @@ async def export_segment(seg: Segment, table: FdTable) -> dict:
     proxy's sockets detached from their objects, the head socket (which the segment keeps)
     duplicated, so that nothing the old daemon drops later closes them."""
     proxy = seg._proxy
-    stats = proxy.stats if proxy is not None else seg.stats
     entry = {"head": table.add(os.dup(seg.head_sock.fileno())) if seg.head_sock is not None else None,
-             "active": seg.target is not None, "containers": {},
-             "stats": [stats.total, stats.bytes_in, stats.bytes_out, stats.refused],
+             "active": seg.target is not None, "containers": {}, "stats": [],
              "relays": [], "clients": [], "flows": []}
     for place, cid in seg.containers:
         entry["containers"].setdefault(place, []).append(cid)
@@ -99,6 +97,8 @@ async def export_segment(seg: Segment, table: FdTable) -> dict:
                                     "tail_index": index, "up": _half(table, up), "down": _half(table, down)})
         for client in clients:
             entry["clients"].append(table.add(client.detach()))
+    stats = proxy.stats if proxy is not None else seg.stats  # after: the last bytes moved are in
+    entry["stats"] = [stats.total, stats.bytes_in, stats.bytes_out, stats.refused]
     return entry
 
 
