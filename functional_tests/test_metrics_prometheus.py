@@ -46,9 +46,11 @@ def get(host, url: str, timeout: float = 5):
 @contextlib.contextmanager
 def prometheus(host, target: str):
     """Prometheus in the host's namespace, scraping target every second; killed, and its
-    config and TSDB removed, when the block ends (also on failure)."""
+    config and TSDB removed, when the block ends (also on failure). A missing prometheus
+    fails (as a missing Docker engine or containerd does), it does not skip."""
     if not Path(PROMETHEUS).exists():
-        pytest.skip("prometheus is not installed (scripts/install-deps installs it)")
+        pytest.fail(f"no {PROMETHEUS} (the metrics tests need Debian's prometheus: "
+                    f"scripts/install-deps installs it)")
     tmp = Path(tempfile.mkdtemp(prefix="wh-prometheus-"))
     proc = None
     try:
