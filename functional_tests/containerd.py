@@ -193,20 +193,40 @@ class Containerd:
             if shutil.which(tool) is None:
                 raise ContainerdMissing(f"no {tool} on PATH (the CRI tests need Debian's containerd: "
                                         f"scripts/install-deps installs it)")
-        import grpc
-        from cri_api.v1 import api_pb2, api_pb2_grpc
+        from cri_api.v1 import api_pb2
         for d in ("cni-bin", "cni-conf", "logs", "opt"):
             (self.base / d).mkdir()
         for name in ("wh-test-veth", "loopback"):
             (self.base / "cni-bin" / name).symlink_to(CNI_PLUGIN)
         (self.base / "cni-conf" / "10-wh-test.conf").write_text(json.dumps(
             {"cniVersion": "0.4.0", "name": "wh-test", "type": "wh-test-veth", "address": POD_ADDRESS}))
-        config = self.base / "config.toml"
-        config.write_text(_config(self.base))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(["containerd", "--config", str(config)], stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log, start_new_session=True)
+        (self.base / "config.toml").write_text(_config(self.base))
         self.api = api_pb2
+        self._launch()
+        archive = self.base / "images.tar"
+        image_archive(archive)
+        self.ctr("images", "import", str(archive))
+
+    def restart(self) -> None:
+        """Stop containerd (unless crash() did) and start it again, as a node's runtime is
+        restarted or upgraded: the pods (their shims) keep running, clients see the socket go
+        and come back."""
+        self._stop()
+        self._launch()
+
+    def crash(self) -> None:
+        """Kill containerd (SIGKILL, as the OOM killer would): its socket file stays behind,
+        refusing connections, until restart()."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def _launch(self) -> None:
+        """Start containerd (its config written) and wait until its CRI is ready."""
+        import grpc
+        from cri_api.v1 import api_pb2_grpc
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(["containerd", "--config", str(self.base / "config.toml")],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         self._channel = grpc.insecure_channel(f"unix://{self.socket}")
         self.runtime = api_pb2_grpc.RuntimeServiceStub(self._channel)
         deadline = time.monotonic() + START_TIMEOUT
@@ -214,7 +234,7 @@ class Containerd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"containerd exited ({self.proc.returncode}):\n{self.logs()}")
             try:
-                status = self.runtime.Status(api_pb2.StatusRequest(), timeout=2)
+                status = self.runtime.Status(self.api.StatusRequest(), timeout=2)
                 ready = {c.type: c.status for c in status.status.conditions}
                 if ready.get("RuntimeReady") and ready.get("NetworkReady"):
                     break
@@ -223,9 +243,6 @@ class Containerd:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"containerd's CRI not ready in {START_TIMEOUT} s:\n{self.logs()}")
             time.sleep(0.1)
-        archive = self.base / "images.tar"
-        image_archive(archive)
-        self.ctr("images", "import", str(archive))
 
     def ctr(self, *args: str) -> str:
         done = subprocess.run(["ctr", "--address", self.socket, "--namespace", "k8s.io", *args],
@@ -284,15 +301,11 @@ class Containerd:
 
     # ---- undo
 
-    def close(self) -> list[str]:
-        errors = []
-        for pod in list(self.pods):
-            try:
-                self.remove_pod(pod)
-            except Exception as e:  # the rest is undone all the same
-                errors.append(f"remove pod {pod.namespace}/{pod.name}: {e}")
+    def _stop(self) -> None:
+        """The client's channel closed and containerd stopped (its shims and pods stay)."""
         if self._channel is not None:
             self._channel.close()
+            self._channel = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -300,6 +313,15 @@ class Containerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def close(self) -> list[str]:
+        errors = []
+        for pod in list(self.pods):
+            try:
+                self.remove_pod(pod)
+            except Exception as e:  # the rest is undone all the same
+                errors.append(f"remove pod {pod.namespace}/{pod.name}: {e}")
+        self._stop()
         _kill_shims(self.socket)
         _unmount_under(self.base)
         _remove_cgroups(self.cgroup)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -103,6 +104,41 @@ def test_refusals(ctd, tmp_path):
         with pytest.raises(CriError) as e:
             lookup(ctd, "demo", "web", str(dead))
     assert str(e.value) == f"cannot reach the container runtime at {dead}: Connection refused"
+
+
+def test_one_channel_kept_through_runtime_restarts_and_a_crash(ctd):
+    """A Cri keeps one channel for all its lookups. containerd restarted: the next lookup finds
+    the pod (still running). containerd killed and down for a few seconds while lookups keep
+    coming (each refused), then started: the very next lookup finds the pod, though the kept
+    channel is waiting out a reconnect backoff longer than the restart took by then (it fails at
+    once with UNAVAILABLE, and the call is made again on a new channel). close() lets it go."""
+    pod = ctd.run_pod("demo", "steady")
+    cri = Cri(ctd.socket)
+
+    def find():
+        return asyncio.run(cri.pod_netns("demo", "steady"))
+
+    try:
+        first = find()
+        assert first[0] == pod.sandbox_id
+        channel = cri._channel
+        assert find() == first and cri._channel is channel, "one channel for every lookup"
+        ctd.restart()
+        assert find() == first
+        ctd.crash()
+        down = time.monotonic() + 3
+        while time.monotonic() < down:
+            with pytest.raises(CriError, match=r"^cannot reach the container runtime at .*: Connection refused$"):
+                find()
+            time.sleep(0.2)
+        ctd.restart()
+        assert find() == first
+    finally:
+        cri.close()
+        if ctd.proc.poll() is not None:  # for the tests after this one
+            ctd.restart()
+    assert cri._channel is None
+    ctd.remove_pod(pod)
 
 
 def test_cleanup_leaves_nothing(tmp_path):

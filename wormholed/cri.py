@@ -20,9 +20,11 @@ sandbox with another namespace, and the next connection follows it.
 The CRI client is an optional extra (`pip install 'ns-wormhole[k8s]'`: PyPI's
 container-runtime-interface-api, generated v1 stubs, with grpcio and protobuf), imported
 on first use, so a daemon without it starts and only `k8s-ns` says what is missing. gRPC's
-synchronous client runs on a worker thread, a fresh channel per lookup (lookups are one
-per new connection, and a channel kept across a runtime restart would sit in reconnect
-backoff), with a deadline on every call.
+synchronous client runs on a worker thread, with a deadline on every call. Lookups are one
+per new connection, so a `Cri` keeps one channel (made on the first lookup, closed by
+`close()` when the daemon stops) rather than connecting anew each time. A channel kept
+across a runtime restart may sit in reconnect backoff, failing every call at once with
+UNAVAILABLE: such a call is made once more on a new channel, which connects now.
 
 `pick_sandbox` and `netns_of` are pure, so the choice and the refusals are tested on
 recorded runtime output (unit_tests/data/cri_*.json).
@@ -35,6 +37,7 @@ import json
 import os
 import re
 import stat
+import threading
 
 __all__ = ["CriError", "Cri", "pick_sandbox", "netns_of", "DEFAULT_SOCKET", "INSTALL_HINT"]
 
@@ -116,6 +119,16 @@ class Cri:
     def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0):
         self.socket_path = socket_path
         self.timeout = timeout
+        self._lock = threading.Lock()  # lookups run on worker threads
+        self._channel = None  # and its RuntimeServiceStub, once a lookup made them
+        self._runtime = None
+
+    def close(self) -> None:
+        """Close the channel (calls still under way on it fail); a later lookup makes another."""
+        with self._lock:
+            channel, self._channel, self._runtime = self._channel, None, None
+        if channel is not None:
+            channel.close()
 
     async def pod_netns(self, namespace: str, name: str) -> tuple[str, str | None, int | None]:
         """(sandbox id, network namespace path, sandbox pid) of pod NAMESPACE/NAME as it runs now;
@@ -127,6 +140,32 @@ class Cri:
     def _unreachable(self, why: str) -> CriError:
         return CriError(f"cannot reach the container runtime at {self.socket_path}: {why}")
 
+    def _stub(self, grpc, stubs, stale=None):
+        """(channel, RuntimeServiceStub): the kept ones, made now if there are none, or if the
+        kept channel is `stale` (closed here, unless another thread replaced it already)."""
+        with self._lock:
+            if stale is not None and self._channel is stale:
+                self._channel, self._runtime = None, None
+                stale.close()
+            if self._channel is None:
+                # Subchannels of its own: a new channel does not inherit another's reconnect backoff.
+                self._channel = grpc.insecure_channel(f"unix://{os.path.abspath(self.socket_path)}",
+                                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                self._runtime = stubs.RuntimeServiceStub(self._channel)
+            return self._channel, self._runtime
+
+    def _call(self, grpc, stubs, method: str, request):
+        """RuntimeService `method` on the kept channel; on UNAVAILABLE once more, on a new channel
+        (the runtime restarted: the old one may be waiting out its reconnect backoff)."""
+        channel, runtime = self._stub(grpc, stubs)
+        try:
+            return getattr(runtime, method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        channel, runtime = self._stub(grpc, stubs, stale=channel)
+        return getattr(runtime, method)(request, timeout=self.timeout)
+
     def _pod_netns(self, namespace: str, name: str) -> tuple[str, str | None, int | None]:
         grpc, api, stubs = _load()
         try:
@@ -134,28 +173,23 @@ class Cri:
                 raise self._unreachable("not a socket")
         except OSError as e:
             raise self._unreachable(e.strerror or str(e)) from None
-        channel = grpc.insecure_channel(f"unix://{os.path.abspath(self.socket_path)}")
         try:
-            runtime = stubs.RuntimeServiceStub(channel)
-            try:
-                listed = runtime.ListPodSandbox(api.ListPodSandboxRequest(), timeout=self.timeout)
-            except grpc.RpcError as e:
-                raise self._rpc_error(grpc, "ListPodSandbox", e) from None
-            state = api.PodSandboxState.Name
-            items = [{"id": s.id, "state": state(s.state), "created_at": s.created_at,
-                      "metadata": {"name": s.metadata.name, "namespace": s.metadata.namespace,
-                                   "uid": s.metadata.uid, "attempt": s.metadata.attempt}}
-                     for s in listed.items]
-            sandbox = pick_sandbox(items, namespace, name)
-            try:
-                status = runtime.PodSandboxStatus(
-                    api.PodSandboxStatusRequest(pod_sandbox_id=sandbox["id"], verbose=True), timeout=self.timeout)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:  # removed between the two calls
-                    raise CriError(f"no running pod {namespace}/{name} on this node (its sandbox just went)") from None
-                raise self._rpc_error(grpc, "PodSandboxStatus", e) from None
-        finally:
-            channel.close()
+            listed = self._call(grpc, stubs, "ListPodSandbox", api.ListPodSandboxRequest())
+        except grpc.RpcError as e:
+            raise self._rpc_error(grpc, "ListPodSandbox", e) from None
+        state = api.PodSandboxState.Name
+        items = [{"id": s.id, "state": state(s.state), "created_at": s.created_at,
+                  "metadata": {"name": s.metadata.name, "namespace": s.metadata.namespace,
+                               "uid": s.metadata.uid, "attempt": s.metadata.attempt}}
+                 for s in listed.items]
+        sandbox = pick_sandbox(items, namespace, name)
+        try:
+            status = self._call(grpc, stubs, "PodSandboxStatus",
+                                api.PodSandboxStatusRequest(pod_sandbox_id=sandbox["id"], verbose=True))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:  # removed between the two calls
+                raise CriError(f"no running pod {namespace}/{name} on this node (its sandbox just went)") from None
+            raise self._rpc_error(grpc, "PodSandboxStatus", e) from None
         raw = status.info.get("info")
         if raw is None:
             keys = ", ".join(sorted(status.info)) or "none"

@@ -213,7 +213,8 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
         cidr=config.cidr, ports=config.ports, internal_ip=config.internal_ip, external_ip=config.external_ip,
         default_type=config.tunnel_type, wireguard_go=config.wireguard_go))
     hub = start_engine()
-    wormholes = Wormholes(state, Env(Places(docker, config.cri_socket), peers, tunnels, daemon_id, engine=hub, limits=config.limits))
+    places = Places(docker, config.cri_socket)
+    wormholes = Wormholes(state, Env(places, peers, tunnels, daemon_id, engine=hub, limits=config.limits))
     control = ControlServer(methods(wormholes, peers, tunnels), config.key)
     socks = list(config.inherited)
     made = []
@@ -316,6 +317,7 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
             await server.aclose()
         await stop_serving()
         await wormholes.aclose()
+        places.close()
         if hub is not None:
             hub.close()
         tunnels.close()

@@ -25,6 +25,11 @@ class Places:
         self._cri_socket = cri_socket
         self._cri = None
 
+    def close(self) -> None:
+        """The daemon stops: let go of the container runtime's channel, if a lookup made one."""
+        if self._cri is not None:
+            self._cri.close()
+
     async def open(self, place: Place, stack: contextlib.AsyncExitStack, owner: str, *,
                    adopt: list[str] | None = None, started=None) -> Netns | None:
         """The namespace of `place` (None: the daemon's own); `owner` labels a container it starts.
