@@ -4,11 +4,12 @@ wormholed asking it (--cri-socket) where a pod's network namespace is."""
 
 import os
 import socket
+import time
 
 import pytest
 
 from containerd import running
-from harness import recv_all
+from harness import SLOW, cmdline, recv_all
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,33 @@ def test_a_pods_port_through_a_wormhole_followed_when_the_pod_is_recreated(make_
         pass  # the old pod's end went with it
     h.ok("delete", ident)
     ctd.remove_pod(new)
+
+
+def test_recreating_the_pod_leaves_no_namespace_open_behind(make_host, ctd):
+    """Each recreation gives the tail a new namespace; the one it replaced is closed (with the
+    sockets made ahead in it) once no dial uses it: the daemon's fds do not grow with them."""
+    h = make_host(args=("--cri-socket", ctd.socket))
+    assert cmdline(h.daemon.pid)[1].endswith("wormholed"), "nsenter execs the daemon"
+    fds = f"/proc/{h.daemon.pid}/fd"
+    pod = ctd.run_pod("demo", "churn")
+    ident, _ = h.create("url", ":8740", "tail", "k8s-ns", "demo/churn", "url", ":80")
+
+    def recreate(pod, attempt):
+        ctd.remove_pod(pod)
+        pod = ctd.run_pod("demo", "churn", attempt=attempt)
+        assert echo(h, 8740, b"pod %d" % attempt) == b"pod %d" % attempt
+        return pod
+
+    pod = recreate(pod, 1)  # once, so that the tail has followed a recreation already
+    before = len(os.listdir(fds))
+    for attempt in range(2, 6):
+        pod = recreate(pod, attempt)
+    deadline = time.monotonic() + 5 * SLOW  # the last connection's sockets closing
+    while (now := len(os.listdir(fds))) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now < before + 4, f"{now - before} more open fds after 4 recreations of the pod"
+    h.ok("delete", ident)
+    ctd.remove_pod(pod)
 
 
 def test_a_missing_or_host_network_pod_is_refused_and_nothing_is_made(make_host, ctd):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from wormhole.spec import Link, Plan, hostport
@@ -42,7 +42,8 @@ class Target:
     host: str | None
     port: int | None
     path: str | None = None  # a unix socket (host and port None)
-    resolve: Callable[[], Awaitable[Netns]] | None = None  # a k8s-ns tail: its namespace, per connection
+    # A k8s-ns tail: `async with resolve() as ns`, its namespace for one connection's dial.
+    resolve: Callable[[], contextlib.AbstractAsyncContextManager[Netns]] | None = None
 
     def url(self, proto: str) -> str:
         if self.path is not None:

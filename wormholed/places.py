@@ -88,23 +88,54 @@ class Places:
         ns.prefix = f"k8s:{place.arg}@"
         return sandbox, ns
 
-    def follower(self, place: Place, stack: contextlib.AsyncExitStack, first: Netns):
-        """For a k8s-ns tail: an async function giving the pod's namespace for each new
-        connection, looked up again every time (a recreated pod is a new sandbox with a new
-        namespace). Namespaces it opens are closed with `stack`."""
-        current: dict = {"ns": first, "sandbox": None}
+    def follower(self, place: Place, stack: contextlib.AsyncExitStack, first: Netns) -> PodFollower:
+        """For a k8s-ns tail: `async with resolve() as ns` gives the pod's namespace for one dial,
+        looked up again every time (a recreated pod is a new sandbox with a new namespace);
+        `first` is the one open() gave. A namespace the pod left is closed once the last dial
+        using it ends; the one in use when `stack` closes, then."""
+        follow = PodFollower(self, place, first)
+        stack.callback(follow.close)
+        return follow
 
-        async def resolve() -> Netns:
-            sandbox, ns = await self.pod(place)
-            if current["sandbox"] is not None and sandbox == current["sandbox"]:
-                ns.close()
-                return current["ns"]
-            if ns == current["ns"]:  # the first lookup: the namespace open() gave
-                ns.close()
-            else:
-                stack.callback(ns.close)
-                current["ns"] = ns
-            current["sandbox"] = sandbox
-            return current["ns"]
 
-        return resolve
+class PodFollower:
+    """A k8s-ns tail's namespace, per dial (Places.follower). Each one it opened stays open while
+    a dial uses it (a worker thread may be making a socket in it) or while it is the pod's."""
+
+    def __init__(self, places: Places, place: Place, first: Netns):
+        self._places, self._place = places, place
+        self._ns: Netns | None = first  # the pod's namespace as last found; None once closed
+        self._sandbox: str | None = None  # its sandbox, once a lookup said
+        self._users: dict[int, int] = {}  # id(namespace) -> dials using it
+
+    @contextlib.asynccontextmanager
+    async def __call__(self):
+        sandbox, ns = await self._places.pod(self._place)
+        current = self._ns
+        if current is not None:  # else the tail is closing: ns is closed after this dial
+            if sandbox == self._sandbox or (self._sandbox is None and ns == current):
+                ns.close()  # the pod as it was (on the first lookup: the namespace open() gave)
+                ns = current
+            else:  # a new pod
+                self._ns = ns
+                self._let_go(current)
+            self._sandbox = sandbox
+        self._users[id(ns)] = self._users.get(id(ns), 0) + 1
+        try:
+            yield ns
+        finally:
+            self._users[id(ns)] -= 1
+            if not self._users[id(ns)]:
+                del self._users[id(ns)]
+            if ns is not self._ns:
+                self._let_go(ns)
+
+    def _let_go(self, ns: Netns) -> None:
+        """ns is no longer the pod's (or the tail is closing): closed unless a dial still uses it."""
+        if id(ns) not in self._users:
+            ns.close()
+
+    def close(self) -> None:
+        ns, self._ns = self._ns, None
+        if ns is not None:
+            self._let_go(ns)

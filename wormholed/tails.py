@@ -35,13 +35,24 @@ RETRY_FOR = 5.0  # every tail refused: how long a connection keeps trying them
 _NOT_YET = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
 
 
+@contextlib.asynccontextmanager
+async def _namespace(t: Target):
+    """The namespace to dial t in, for the time of one dial (a k8s-ns tail's pod looked up again,
+    its namespace kept open until the dial ends)."""
+    if t.resolve is None:
+        yield t.ns
+    else:
+        async with t.resolve() as ns:
+            yield ns
+
+
 async def dial_target(t: Target, *, timeout: float = 5.0, wait: FinishConnect | None = None,
                       retry: bool = True) -> socket.socket:
-    """A connected stream socket to a tail: tcp or unix (a k8s-ns tail's pod looked up again)."""
-    ns = await t.resolve() if t.resolve is not None else t.ns
-    if t.path is not None:
-        return await dial_unix(ns, t.path, timeout=timeout if retry else 0.0)
-    return await dial(ns, t.host, t.port, timeout=timeout, wait=wait, retry=retry)
+    """A connected stream socket to a tail: tcp or unix."""
+    async with _namespace(t) as ns:
+        if t.path is not None:
+            return await dial_unix(ns, t.path, timeout=timeout if retry else 0.0)
+        return await dial(ns, t.host, t.port, timeout=timeout, wait=wait, retry=retry)
 
 
 class Tails:
@@ -77,14 +88,13 @@ class Tails:
 
     async def open_flow(self) -> socket.socket:
         """A UDP socket connected to the tail (or the next of the tails) for a new flow."""
-        if self.balancer is None:
-            t = self.targets[0]
-            return await dial_udp(await t.resolve() if t.resolve else t.ns, t.host, t.port)
-        i = self.balancer.order(asyncio.get_running_loop().time())[0]
+        i = 0 if self.balancer is None else self.balancer.order(asyncio.get_running_loop().time())[0]
         t = self.targets[i]
-        sock = await dial_udp(await t.resolve() if t.resolve else t.ns, t.host, t.port)
-        self.balancer.opened(i)
-        self._open[id(sock)] = i
+        async with _namespace(t) as ns:
+            sock = await dial_udp(ns, t.host, t.port)
+        if self.balancer is not None:
+            self.balancer.opened(i)
+            self._open[id(sock)] = i
         return sock
 
     def index_of(self, sock: socket.socket) -> int:
