@@ -6,13 +6,15 @@
 * ``idle-client PORT N STATUS``: opens N TCP connections to 127.0.0.1:PORT (at most
   CONNECTING at a time, below the proxies' listen backlogs) and holds them until killed.
   Writes "connected C failed F closed X" to STATUS (closed: by the far end since).
+* ``echo-server PORT``: sends every byte back on each TCP connection (the handover
+  section's target).
 * ``udp-echo PORT``: sends every datagram back to where it came from.
 * ``udp-client PORT SECONDS WINDOW SIZE``: keeps WINDOW datagrams of SIZE bytes in
   flight to 127.0.0.1:PORT for SECONDS and prints one JSON object: the echoes received,
   the seconds measured, the stalls (no echo for STALL s: the window was lost and sent
   again), and the client's CPU time per second measured (near 1.0: the client was the limit).
 
-Every socket of the idle target and client has SO_LINGER 0, so that when the bench stops
+Every socket of the idle target, the echo server and the idle client has SO_LINGER 0, so that when the bench stops
 them (SIGTERM) their connections end with a reset: no TIME_WAIT socket is left behind to
 be freed, 60 s later, in the middle of another row's measurement of kernel memory.
 STATUS files are replaced whole (rename), at most every 0.1 s while something changes.
@@ -59,13 +61,39 @@ class Status:
             self.set(self.text, force=True)
 
 
-def idle_target(port: int, status_path: str) -> None:
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)  # inherited by accepted sockets
-    lst.bind((HOST, port))
-    lst.listen(4096)
+def _listener(port: int) -> socket.socket:
+    """A non-blocking TCP listener on HOST:port with SO_LINGER 0, which accepted sockets inherit."""
+    lst = socket.create_server((HOST, port), backlog=4096)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)
     lst.setblocking(False)
+    return lst
+
+
+def _accept_all(lst: socket.socket, ep, conns: dict[int, socket.socket], events: int,
+                nodelay: bool = False) -> int:
+    """Accept every connection waiting on lst: each made non-blocking (and TCP_NODELAY with
+    nodelay), kept in conns by fd and registered on ep for events. How many it accepted. An
+    error (EMFILE...) is said on stderr, and the rest wait in the backlog."""
+    accepted = 0
+    while True:
+        try:
+            conn, _ = lst.accept()
+        except (BlockingIOError, InterruptedError):
+            return accepted
+        except OSError as exc:
+            print(f"loadgen: accept: {exc}", file=sys.stderr, flush=True)
+            time.sleep(0.1)
+            return accepted
+        conn.setblocking(False)
+        if nodelay:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns[conn.fileno()] = conn
+        ep.register(conn.fileno(), events)
+        accepted += 1
+
+
+def idle_target(port: int, status_path: str) -> None:
+    lst = _listener(port)
     ep = select.epoll()
     ep.register(lst.fileno(), select.EPOLLIN)
     conns: dict[int, socket.socket] = {}
@@ -75,25 +103,47 @@ def idle_target(port: int, status_path: str) -> None:
     while True:
         for fd, _ in ep.poll(0.1):
             if fd == lst.fileno():
-                while True:
-                    try:
-                        conn, _ = lst.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as exc:  # EMFILE...: say so, and let the backlog wait
-                        print(f"idle-target: accept: {exc}", file=sys.stderr, flush=True)
-                        time.sleep(0.1)
-                        break
-                    conn.setblocking(False)
-                    conns[conn.fileno()] = conn
-                    ep.register(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-                    accepted += 1
+                accepted += _accept_all(lst, ep, conns, select.EPOLLIN | select.EPOLLRDHUP)
             else:  # the peer closed (or sent something, which an idle client does not)
                 conn = conns.pop(fd)
                 ep.unregister(fd)
                 conn.close()
         status.set(f"accepted {accepted} open {len(conns)}")
         status.flush()
+
+
+def echo_server(port: int) -> None:
+    """Send every byte back on each connection (epoll, one thread) until killed."""
+    lst = _listener(port)
+    ep = select.epoll()
+    ep.register(lst.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    unsent: dict[int, bytes] = {}
+    while True:
+        for fd, events in ep.poll():
+            if fd == lst.fileno():
+                _accept_all(lst, ep, conns, select.EPOLLIN, nodelay=True)
+                continue
+            conn = conns[fd]
+            try:
+                data = b""
+                if events & ~select.EPOLLOUT:
+                    data = conn.recv(1 << 16)
+                    if not data:
+                        raise EOFError
+                data = unsent.pop(fd, b"") + data
+                sent = conn.send(data) if data else 0
+                if sent < len(data):  # rare: the echo waits for room; reading stops meanwhile
+                    unsent[fd] = data[sent:]
+                    ep.modify(fd, select.EPOLLOUT)
+                elif events & select.EPOLLOUT:
+                    ep.modify(fd, select.EPOLLIN)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except (OSError, EOFError):
+                ep.unregister(fd)
+                conns.pop(fd).close()
+                unsent.pop(fd, None)
 
 
 def idle_client(port: int, n: int, status_path: str) -> None:
@@ -200,6 +250,8 @@ def main(argv: list[str]) -> int:
         idle_target(int(args[0]), args[1])
     elif cmd == "idle-client":
         idle_client(int(args[0]), int(args[1]), args[2])
+    elif cmd == "echo-server":
+        echo_server(int(args[0]))
     elif cmd == "udp-echo":
         udp_echo(int(args[0]))
     elif cmd == "udp-client":

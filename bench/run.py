@@ -67,7 +67,7 @@ from typing import Callable, ContextManager, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 # Where wormhole and wormholed are; WORMHOLE_BENCH_BIN=DIR benches another build.
 WORMHOLE_BIN = Path(os.environ.get("WORMHOLE_BENCH_BIN") or ROOT / ".venv" / "bin")
-LOADGEN = Path(__file__).resolve().parent / "loadgen.py"  # idle target and client, UDP echo and client
+LOADGEN = Path(__file__).resolve().parent / "loadgen.py"  # idle target and client, echo servers, UDP client
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SETTLE = 0.5  # seconds between a listener's readiness and its measurement
 ROWS = ("direct", "wormhole", "wormhole-python", "systemd-socket-proxyd", "haproxy", "socat")
@@ -1798,57 +1798,10 @@ class HandoverResult:
     error: str | None = None  # nothing measured (the echo server did not start)
 
 
-def echo_server(port: int) -> None:
-    """Send every byte back on each connection (epoll, one thread) until killed: the handover
-    section's target, a process of its own (see echo_target)."""
-    lst = socket.create_server(("127.0.0.1", port), backlog=4096)
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER0)  # inherited by accepted sockets
-    lst.setblocking(False)
-    ep = select.epoll()
-    ep.register(lst.fileno(), select.EPOLLIN)
-    conns: dict[int, socket.socket] = {}
-    unsent: dict[int, bytes] = {}
-    while True:
-        for fd, events in ep.poll():
-            if fd == lst.fileno():
-                while True:
-                    try:
-                        conn, _ = lst.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    conn.setblocking(False)
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    conns[conn.fileno()] = conn
-                    ep.register(conn.fileno(), select.EPOLLIN)
-                continue
-            conn = conns[fd]
-            try:
-                data = b""
-                if events & ~select.EPOLLOUT:
-                    data = conn.recv(1 << 16)
-                    if not data:
-                        raise EOFError
-                data = unsent.pop(fd, b"") + data
-                sent = conn.send(data) if data else 0
-                if sent < len(data):  # rare: the echo waits for room; reading stops meanwhile
-                    unsent[fd] = data[sent:]
-                    ep.modify(fd, select.EPOLLOUT)
-                elif events & select.EPOLLOUT:
-                    ep.modify(fd, select.EPOLLIN)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except (OSError, EOFError):
-                ep.unregister(fd)
-                conns.pop(fd).close()
-                unsent.pop(fd, None)
-
-
 @contextlib.contextmanager
 def echo_target(tmp: Path) -> Iterator[int]:
     port = free_port()
-    here = str(Path(__file__).resolve().parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import run; run.echo_server({port})"
-    with Proc("echo-server", [sys.executable, "-c", code], tmp) as p:
+    with Proc("echo-server", [sys.executable, LOADGEN, "echo-server", port], tmp) as p:
         wait_listening(port, p)
         yield port
 
