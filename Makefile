@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml setup.py wormholed/_engine.c
 	$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
+# The CLI's modules compiled ahead: a `wormhole list` that compiles them first (no __pycache__,
+# or PYTHONDONTWRITEBYTECODE set) takes a third longer. compileall skips what is up to date.
 install: $(STAMP)
+	@$(PY) -m compileall -q wormhole wormholed > /dev/null
 
 unit: install
 	$(PY) -m pytest -q unit_tests

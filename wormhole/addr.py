@@ -10,7 +10,8 @@ fast path agrees with on what it accepts."""
 from __future__ import annotations
 
 import os
-import socket
+
+import _socket as socket  # socket's own functions and constants; `socket` imports enum (see client.py)
 
 from .record import Record
 

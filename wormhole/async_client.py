@@ -13,7 +13,7 @@ import ssl
 
 from . import protocol
 from .addr import Address
-from .client import CONNECT_TIMEOUT, failure_reason
+from .client import CONNECT_TIMEOUT, failure_reason, lost_reason
 from .keys import client_context
 from .protocol import Failed, RpcError
 
@@ -38,7 +38,7 @@ class Client:
             raise Failed(f"wormholed at {self.addr} did not answer {method!r} in time"
                          + (f" ({timeout:g} s)" if timeout is not None else "")) from None
         except (OSError, EOFError, ssl.SSLError) as e:
-            raise Failed(f"lost the connection to wormholed at {self.addr}: {failure_reason(e)}") from None
+            raise Failed(f"lost the connection to wormholed at {self.addr}: {lost_reason(e)}") from None
 
     @property
     def sockname(self):

@@ -89,7 +89,7 @@ class Ctx:
             from .keys import client_context, load_key
 
             key = load_key(self.keyfile)
-            self._call = functools.partial(call_once, self.addr, key, ctx=client_context(key))
+            self._call = functools.partial(call_once, self.addr, key, ctx=client_context(key, lean=True))
         return self._call
 
     def call(self, method: str, params: dict | None = None, **kw):
@@ -226,7 +226,7 @@ def _watch(obj: Ctx, interval: float) -> None:
     daemon answers again. Ctrl-C ends it with status 0."""
     try:
         rows = obj.call("list")
-        from .protocol import RpcError  # (imported by the call)
+        from .rpc import RpcError  # (imported by the call)
 
         tty = sys.stdout.isatty()
         if tty:
@@ -385,7 +385,7 @@ def main() -> None:
     except (click.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as e:  # never a traceback for the user
-        from .protocol import RpcError  # (imported already if a call was made)
+        from .rpc import RpcError  # (imported already if a call was made)
 
         if isinstance(e, RpcError):  # the daemon's error, or Failed (unreachable, wrong key)
             click.echo(f"wormhole: error: {e}", err=True)

@@ -61,11 +61,11 @@ def run(opts: dict, command: str, rest: list[str]) -> bool:
     except AddressError:
         return False  # cli.py says what is wrong with it, as a usage error
     from .client import call_once
-    from .protocol import RpcError
+    from .rpc import RpcError
 
     try:
         key = load_key(opts.get("key") or os.environ.get("WORMHOLE_KEY_FILE") or DEFAULT_KEYFILE)
-        ctx = client_context(key)
+        ctx = client_context(key, lean=True)
         if command == "ping":
             import time
 

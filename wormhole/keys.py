@@ -4,15 +4,21 @@ The key file is refused when missing, empty, not a regular file, or readable by
 group or others (as ssh does). The contexts: the server has no certificate, and the
 client trusts no CA, so a handshake succeeds only when the PSK authenticated it.
 
-keygen imports secrets itself: every CLI command imports this module, and only keygen
-makes a key."""
+keygen imports secrets itself, and `ssl` is imported only for the asyncio contexts:
+every CLI command imports this module, only keygen makes a key, and the CLI's blocking
+client wraps its socket with `_ssl` itself (see client.py)."""
 
 from __future__ import annotations
 
 import os
-import socket
-import ssl
 import stat
+
+import _socket
+import _ssl
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_KEYFILE = "/etc/wormhole/key.secret"
 
@@ -57,25 +63,34 @@ def keygen(length: int = 40) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
-def _tls13(protocol: int) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(protocol)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+def _tls13(protocol: int, lean: bool = False) -> ssl.SSLContext:
+    if lean:
+        ctx = _ssl._SSLContext(protocol)
+    else:
+        import ssl
+
+        ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = _ssl.PROTO_TLSv1_3
     return ctx
 
 
 def server_context(key: bytes) -> ssl.SSLContext:
-    """No certificate: a client that does not prove the key fails the handshake."""
-    ctx = _tls13(ssl.PROTOCOL_TLS_SERVER)
+    """No certificate: a client that does not prove the key fails the handshake. No session
+    tickets: every connection proves the key afresh, so a ticket would be work (two are
+    made and encrypted per handshake by default) and bytes for nothing."""
+    ctx = _tls13(_ssl.PROTOCOL_TLS_SERVER)
+    ctx.num_tickets = 0
     ctx.set_psk_server_callback(lambda identity: key)
     return ctx
 
 
-def client_context(key: bytes, identity: str | None = None) -> ssl.SSLContext:
+def client_context(key: bytes, identity: str | None = None, *, lean: bool = False) -> ssl.SSLContext:
     """Only a PSK handshake can succeed: any certificate a server presents fails
-    verification, as the context trusts no CA at all."""
-    ctx = _tls13(ssl.PROTOCOL_TLS_CLIENT)
+    verification, as the context trusts no CA at all. lean: the C context under
+    ssl.SSLContext (the same settings, without importing `ssl`), for client.py."""
+    ctx = _tls13(_ssl.PROTOCOL_TLS_CLIENT, lean)
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    name = identity or socket.gethostname()
+    ctx.verify_mode = _ssl.CERT_REQUIRED
+    name = identity or _socket.gethostname()
     ctx.set_psk_client_callback(lambda hint: (name, key))
     return ctx

@@ -2,55 +2,18 @@
 
 One JSON object per line; a line over MAX_LINE is refused. Application errors carry
 one of two codes: REFUSED (the caller asked for something wrong) and FAILED (the
-system or a peer failed). Its two records are record.Record classes, not dataclasses
-(the CLI imports this module for every call)."""
+system or a peer failed). The codes and errors live in rpc.py, which the CLI's blocking
+client uses without this module's `json` (see there); they are re-exported here."""
 
 from __future__ import annotations
 
 import json
 
 from .record import Record
+from .rpc import (BUSY, FAILED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, MAX_LINE,
+                  METHOD_NOT_FOUND, PARSE_ERROR, REFUSED, Failed, Refused, RpcError, result_of)
 
-MAX_LINE = 1 << 20  # a line (without its newline) longer than this is refused
 MAX_NESTING = 32  # arrays/objects nested deeper than this are refused (a parse error)
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-# Application codes: the caller asked for something wrong / the system or a peer failed.
-REFUSED = -32001
-FAILED = -32002
-BUSY = -32003  # a daemon-to-daemon answer: the same thing is being done from this end; ask again
-
-
-class RpcError(Exception):
-    """An error that crosses the wire; `str()` is the message for the user."""
-
-    def __init__(self, code: int, message: str, data=None):
-        super().__init__(message)
-        self.code, self.message, self.data = code, message, data
-
-    def to_json(self) -> dict:
-        err = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            err["data"] = self.data
-        return err
-
-
-class Refused(RpcError):
-    """You asked for something wrong (bad spec, unknown id, missing namespace)."""
-
-    def __init__(self, message: str, data=None):
-        super().__init__(REFUSED, message, data)
-
-
-class Failed(RpcError):
-    """The system or a peer failed while doing what was asked."""
-
-    def __init__(self, message: str, data=None):
-        super().__init__(FAILED, message, data)
 
 
 class Oversize(Record):
@@ -180,10 +143,9 @@ def parse_response(line: bytes | Oversize, expect_id) -> object:
     """The result of a response line, or raise the RpcError it carries."""
     if isinstance(line, Oversize):
         raise RpcError(INVALID_REQUEST, f"response line of {line.length} bytes refused")
-    msg = _loads(line, "bad response from daemon")
-    if not isinstance(msg, dict) or msg.get("id") != expect_id:
-        raise RpcError(INVALID_REQUEST, "bad response from daemon: wrong or missing id")
-    if "error" in msg:
-        err = msg["error"] if isinstance(msg["error"], dict) else {}
-        raise RpcError(err.get("code", INTERNAL_ERROR), str(err.get("message", "unknown error")), err.get("data"))
-    return msg.get("result")
+    return result_of(_loads(line, "bad response from daemon"), expect_id)
+
+
+__all__ = ["MAX_LINE", "MAX_NESTING", "PARSE_ERROR", "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS",
+           "INTERNAL_ERROR", "REFUSED", "FAILED", "BUSY", "RpcError", "Refused", "Failed", "Oversize", "LineFramer",
+           "encode", "request", "result", "error", "Request", "nesting", "parse_request", "parse_response"]
