@@ -52,7 +52,7 @@ PY_ENGINE_TESTS := functional_tests/test_wormholes.py functional_tests/test_remo
 test: deps install
 	@t0=$$(date +%s); $(PY) -m pytest -q unit_tests && echo "[make test] unit: $$(( $$(date +%s) - t0 )) s"
 	@t0=$$(date +%s); $(MAKE) -s test-engine-asan && echo "[make test] engine under ASan/UBSan: $$(( $$(date +%s) - t0 )) s"
-	@t0=$$(date +%s); ./scripts/with-docker $(PY) -m pytest -q -m "not kernel" functional_tests \
+	@t0=$$(date +%s); ./scripts/with-docker $(PY) -m pytest -q --durations=25 -m "not kernel" functional_tests \
 	    && echo "[make test] functional (this kernel): $$(( $$(date +%s) - t0 )) s"
 	@t0=$$(date +%s); WORMHOLE_ENGINE=python $(PY) -m pytest -q $(PY_ENGINE_TESTS) \
 	    && echo "[make test] wormhole tests on the Python engine: $$(( $$(date +%s) - t0 )) s"
