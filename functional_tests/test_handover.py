@@ -397,6 +397,51 @@ def test_a_refused_or_broken_takeover_leaves_the_old_daemon_serving(host):
     assert r.returncode == 1 and "cannot take over: no running wormholed" in r.stderr
 
 
+
+def fd_limit(pid: int, limit: str) -> None:
+    subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={limit}"], check=True)
+
+
+def test_a_takeover_without_room_for_the_fds_is_refused_by_either_side(host):
+    """Too few free fds in the old daemon (for the duplicates it hands over) or in the
+    successor (for what it takes): refused with one line naming RLIMIT_NOFILE, before
+    anything stops; the old daemon serves on, its connections untouched."""
+    host.echo_server(7630)
+    for port in range(8631, 8651):
+        host.create("url", f":{port}", "tail", "url", ":7630")
+    held = host.connect(8631)
+    held.sendall(b"one ")
+    old = host.daemon
+    limits = subprocess.run(["prlimit", "--pid", str(old.pid), "--nofile", "--raw", "--noheadings",
+                             "--output=SOFT,HARD"], capture_output=True, text=True, check=True).stdout.split()
+    open_fds = len(os.listdir(f"/proc/{old.pid}/fd"))
+    fd_limit(old.pid, f"{open_fds + 20}:{limits[1]}")  # 20 heads and the control sockets need more
+    try:
+        r = host.exec(WORMHOLED, "--takeover", "--state-dir", str(host.state), timeout=60)
+    finally:
+        fd_limit(old.pid, ":".join(limits))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot take over: handing over needs" in r.stderr and "RLIMIT_NOFILE" in r.stderr, r.stderr
+    assert "asks to take over" in host.logs() and "handover: 20" not in host.logs()
+    # The successor short of fds: it refuses what came, the old daemon takes it back.
+    r = host.exec("prlimit", "--nofile=48:48", WORMHOLED, "--takeover", "--state-dir", str(host.state), timeout=60)
+    assert r.returncode == 1 and "cannot take over: taking the handover needs" in r.stderr, r.stderr
+    assert old.poll() is None
+    held.sendall(b"two")
+    held.shutdown(socket.SHUT_WR)
+    assert recv_all(held) == b"one two"
+    assert host.wormhole("ping").returncode == 0
+    for port in (8631, 8650):
+        with host.connect(port) as s:
+            s.sendall(b"three")
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s) == b"three"
+    take_over(host)  # with room: as ever
+    with host.connect(8640) as s:
+        s.sendall(b"four")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"four"
+
 def test_systemd_fd_store_through_a_stand_in(make_host, tmp_path):
     """The daemon under --fd-store puts everything in the store at SIGTERM and exits; the next
     start gets it back as LISTEN_FDS/LISTEN_FDNAMES (in another order) and empties the store."""

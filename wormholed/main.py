@@ -243,7 +243,10 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
             tasks["monitor"] = None
 
     async def export() -> tuple[bytes, list[int]]:
-        """Stop serving and describe everything for a successor (handover/)."""
+        """Stop serving and describe everything for a successor (handover/). HandoverError,
+        before anything stops, when this process has no room for the fds it would duplicate."""
+        heads = sum(seg.head_sock is not None for root in wormholes.roots() for seg in root.chain())
+        transfer.room_for(len(socks) + heads, "handing over")
         table = FdTable()
         control_fds = [table.add(os.dup(sock.fileno())) for sock in socks if sock.fileno() >= 0]
         await stop_serving()
@@ -333,7 +336,11 @@ async def _store_and_exit(export, resume, most: int) -> None:
     start takes it back (LISTEN_FDS). If the store is not there, or too small for all of it
     (systemd would refuse the fds past FileDescriptorStoreMax), take it back and stop as
     without --fd-store, saying so."""
-    record, fds = await export()
+    try:
+        record, fds = await export()
+    except HandoverError as e:
+        log.error("cannot hand over to systemd's fd store: %s; stopping without handover", e)
+        return
     if len(fds) + 1 > most:
         log.error("%d fds (listeners, connections, and the record) do not fit in systemd's fd store "
                   "(--fd-store-max %d, the unit's FileDescriptorStoreMax=): stopping without handover, "

@@ -4,14 +4,15 @@
 handover socket, STATE_DIR/handover.sock (a SOCK_SEQPACKET unix socket, mode 0600):
 
     successor -> {"hello": {"versions": [1], "pid": N}}
-    daemon    -> {"refused": WHY}                            (and serves on), or
+    daemon    -> {"refused": WHY}                            (and serves on: a version the successor
+                                                              does not read, too few free fds), or
                  the record and its fds (transfer.send)       (it stopped serving to send them)
     successor -> {"commit": true}                            the daemon exits at once: no
                                                               teardown, its fds just close
               or {"refused": WHY}, or the socket closes      the daemon takes it all back
 
 Everything the successor can refuse for (a version it does not read, a record it cannot
-decode) it refuses before it touches an fd, so a refused or broken takeover leaves the old
+decode, more fds than its RLIMIT_NOFILE leaves room for) it refuses before it takes an fd, so a refused or broken takeover leaves the old
 daemon serving everything: it adopts its own record again, as a successor would. After
 the commit the successor waits for the state dir's lock (the old daemon's exit releases
 it) before it serves the control channel.
@@ -25,6 +26,7 @@ connection open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -114,8 +116,13 @@ class Server:
             log.error("handover to pid %s refused: %s; serving on", hello.get("pid"), why)
             _send(conn, {"refused": why})
             return
-        log.info("handover: pid %s takes over; stopping to hand over", hello.get("pid"))
-        record, fds = await self._export()
+        log.info("handover: pid %s asks to take over", hello.get("pid"))
+        try:
+            record, fds = await self._export()
+        except HandoverError as e:  # raised before anything stopped
+            log.error("handover to pid %s refused: %s; serving on", hello.get("pid"), e)
+            _send(conn, {"refused": str(e)})
+            return
         try:
             await asyncio.to_thread(transfer.send, conn, record, fds)
             reply = await asyncio.to_thread(_recv, conn)
@@ -160,6 +167,10 @@ def request(state_dir: str, timeout: float = TIMEOUT) -> tuple[dict, list[int], 
             record, fds = transfer.receive(sock)
         except json.JSONDecodeError:
             raise HandoverError("the running wormholed did not answer with a handover") from None
+        except HandoverError as e:  # refused by either side: say so (the old daemon may wait for it)
+            with contextlib.suppress(OSError):
+                _send(sock, {"refused": str(e)})
+            raise
         try:
             state = decode(record, len(fds))
         except HandoverError as e:

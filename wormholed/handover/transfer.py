@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 
 from .record import FD_PREFIX, STATE_NAME, HandoverError, fd_index, fd_name
 
 MAX_FDS = 253
+SPARE_FDS = 16  # what a handover leaves free beyond the fds it moves
 
 
 def memfd_with(data: bytes) -> int:
@@ -58,6 +60,18 @@ def send(sock: socket.socket, record: bytes, fds: list[int]) -> None:
         socket.send_fds(sock, [b"F"], fds[i:i + MAX_FDS])
 
 
+def free_fds() -> int:
+    """How many more fds this process may open: RLIMIT_NOFILE's soft limit less those open."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - len(os.listdir("/proc/self/fd"))
+
+
+def room_for(count: int, who: str) -> None:
+    """HandoverError unless this process can open `count` more fds (and a few to spare)."""
+    if count + SPARE_FDS > (free := free_fds()):
+        raise HandoverError(f"{who} needs {count} more file descriptors and has room for {free} "
+                            f"(RLIMIT_NOFILE; LimitNOFILE= in the unit): raise the limit")
+
+
 def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     """What send() sent: (record, fds in table order). The fds are the caller's to close.
     HandoverError if the other side sent {"refused": WHY} instead."""
@@ -76,9 +90,12 @@ def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
         os.close(got.pop())
         if len(record) != header["record"]:
             raise EOFError("the handover's record came short")
+        room_for(header["fds"], "taking the handover")
         while len(got) < header["fds"]:
-            data, fds, _, _ = socket.recv_fds(sock, 16, MAX_FDS)
+            data, fds, flags, _ = socket.recv_fds(sock, 16, MAX_FDS)
             got.extend(fds)
+            if flags & socket.MSG_CTRUNC:  # the kernel closed the fds that did not fit
+                raise HandoverError("the handover's fds did not fit in this process (RLIMIT_NOFILE)")
             if not data:
                 raise EOFError(f"the handover ended after {len(got)} of {header['fds']} fds")
         return record, got
