@@ -167,3 +167,14 @@ def test_the_fast_path_imports_none_of_the_slow_modules():
     assert r.returncode == 0, r.stderr
     loaded = set(r.stdout.split())
     assert not loaded & {"ssl", "socket", "json", "enum", "re", "typing", "asyncio", "click", "dataclasses"}
+
+
+@settings(max_examples=300)
+@given(JSON_VALUES)
+def test_list_json_prints_what_json_dumps_prints(value):
+    assert client.dumps_indented(value) == json.dumps(value, indent=1)
+
+
+def test_list_json_refuses_what_json_refuses():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        client.dumps_indented({"a": object()})

@@ -12,9 +12,10 @@ takes 2-3 ms. So this module works with the C modules under them, as they do:
 - the socket is an `_socket.socket`, wrapped with `_SSLContext._wrap_socket` and driven
   with `do_handshake`, `read` and `write`: the calls `ssl.SSLSocket` makes itself;
 - a request without params is written here and the answer read with `_json`'s scanner,
-  the parser `json.loads` runs. `unit_tests/test_client.py` checks both against
-  protocol.py. A request with params (create, delete) has protocol.py encode it: those
-  commands load click, and json, anyway.
+  the parser `json.loads` runs; `list --json` prints with `dumps_indented`, the C
+  encoder `json.dumps` runs. `unit_tests/test_client.py` checks all three against
+  protocol.py and json. A request with params (create, delete) has protocol.py encode
+  it: those commands load click, and json, anyway.
 
 The asyncio client (`async with connect(addr, key) as c`, what a daemon uses to call
 another) is in async_client.py: importing asyncio alone would take longer than a whole
@@ -119,6 +120,22 @@ def decode(line: bytes) -> object:
         raise RpcError(PARSE_ERROR, f"{what}: expecting a value at character {e.value}") from None
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise RpcError(PARSE_ERROR, f"{what}: {e}") from None
+
+
+def _not_serializable(value):
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def dumps_indented(value) -> str:
+    """json.dumps(value, indent=1), with the encoder json.dumps runs (`list --json`)."""
+    try:  # (markers, default, encoder, indent, key separator, item separator, sort_keys, skipkeys, allow_nan)
+        encode = _json.make_encoder({}, _not_serializable, _json.encode_basestring_ascii, " ", ": ", ",",
+                                    False, False, True)
+    except TypeError:  # an interpreter whose C encoder takes no indent: json's own
+        import json
+
+        return json.dumps(value, indent=1)
+    return "".join(encode(value, 0))
 
 
 def _read_line(tls) -> bytes:

@@ -79,9 +79,9 @@ def run(opts: dict, command: str, rest: list[str]) -> bool:
     except KeyboardInterrupt:
         sys.exit(130)
     if rest == ["--json"]:
-        import json
+        from .client import dumps_indented
 
-        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+        sys.stdout.write(dumps_indented(rows) + "\n")
     else:
         from .tables import list_table, table_lines
 
