@@ -13,6 +13,7 @@ back to Python's dial()).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import os
@@ -736,6 +737,39 @@ async def test_native_connect_failing_other_than_refused_drops_the_client_at_onc
             await proxy.aclose()
             hub.close()
 
+
+
+@needs_root
+@uvloop_test
+async def test_a_namespace_closed_and_its_fd_number_reused_before_the_helper_runs(two_namespaces):
+    """A wormhole deleted while a helper thread's job waits: its Netns is closed, and the fd
+    number goes to another namespace's file. The job still runs in the namespace it was
+    asked for (it holds its own duplicate): 192.0.2.1 is A's address, not B's."""
+    import threading
+
+    gate = threading.Event()
+    busy = [netns_mod._workers.submit(gate.wait, 10) for _ in range(netns_mod._workers._max)]
+    ns_a = Netns.named(two_namespaces[0])
+    number = ns_a.fileno()
+    job = asyncio.ensure_future(make_socket(ns_a, socket.AF_INET, socket.SOCK_STREAM, bind=("192.0.2.1", 0)))
+    try:
+        await asyncio.sleep(0.05)  # queued behind the busy helpers
+        fd_b = os.open(f"/run/netns/{two_namespaces[1]}", os.O_RDONLY | os.O_CLOEXEC)
+        ns_a.close()
+        os.dup2(fd_b, number)  # the number now names B
+        os.close(fd_b)
+        gate.set()
+        sock = await asyncio.wait_for(job, 10)
+        with sock:
+            assert sock.getsockname()[0] == "192.0.2.1"
+    finally:
+        gate.set()
+        for f in busy:
+            f.result(10)
+        if not job.done():
+            job.cancel()
+        with contextlib.suppress(OSError):
+            os.close(number)
 
 @needs_root
 @uvloop_test

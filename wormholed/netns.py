@@ -292,7 +292,16 @@ def _inside(ns_fd, home_fd, label, fn, *args):
 
 
 async def _run_inside(ns: Netns, fn, *args):
-    fut = _workers.submit(_inside, ns.fileno(), _home(), ns.label, fn, *args)
+    """fn(*args) inside ns, on a helper thread. The thread enters a duplicate of ns's fd, its
+    own until the job ends: ns may be closed meanwhile (its wormhole deleted), and the
+    number then reused for another namespace's file, which the thread would enter instead."""
+    fd = os.dup(ns.fileno())
+    try:
+        fut = _workers.submit(_inside, fd, _home(), ns.label, fn, *args)
+    except BaseException:
+        os.close(fd)
+        raise
+    fut.add_done_callback(lambda f: os.close(fd))  # run, failed, or cancelled before it ran
     try:
         return await asyncio.wrap_future(fut)
     except asyncio.CancelledError:  # the thread may still hand us sockets
