@@ -4,6 +4,8 @@ import concurrent.futures
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -310,6 +312,48 @@ def test_a_takeover_adopts_the_containers_docker_run_started(host, engine, sweep
     held.shutdown(socket.SHUT_WR)
     assert recv_all(held) == b"before after"
     assert [c.id for c in ours(engine, host)] == [before.id], "the same container, not a new one"
+    assert roundtrip(host, 3306) == b"hello wormhole"
+    host.ok("delete", "db")
+    assert ours(engine, host) == []
+
+
+_ASK_ON_A_LINE = """import json, socket, sys
+from wormholed.handover import transfer
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+print("connected", flush=True)
+sys.stdin.readline()
+s.send(json.dumps({"hello": {"versions": [1]}}).encode())
+record, fds = transfer.receive(s)
+print(len(fds), flush=True)
+"""  # a successor that asks once told to, takes the handover, and leaves without committing
+
+
+def test_a_handover_while_a_trigger_starts_a_container_leaves_one_container(host, engine, sweep):
+    """The trigger is stopped, what it started removed, its waiting client handed over; here the
+    successor takes the handover and leaves, so the old daemon takes it all back, runs the
+    trigger again, and serves the client through one container."""
+    sweep(host)
+    host.create("id", "db", "url", ":3306", "trigger", "docker-run", "wormhole/mysql")
+    asker = host.popen(sys.executable, "-c", _ASK_ON_A_LINE, str(host.state / "handover.sock"),
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert asker.stdout.readline() == "connected\n"
+        waiting = host.connect(3306, timeout=60)  # the trigger starts the container
+        waiting.sendall(b"waiting ")
+        asker.stdin.write("go\n")
+        asker.stdin.flush()
+        assert int(asker.stdout.readline()) >= 2
+    finally:
+        asker.kill()
+        asker.wait()
+    with waiting:
+        waiting.sendall(b"client")
+        waiting.shutdown(socket.SHUT_WR)
+        assert recv_all(waiting) == b"waiting client"
+    logs = host.logs()
+    assert "its trigger is running: stopped" in logs and "did not take over" in logs, logs
+    assert len(ours(engine, host)) == 1, "the first container removed, one running"
     assert roundtrip(host, 3306) == b"hello wormhole"
     host.ok("delete", "db")
     assert ours(engine, host) == []

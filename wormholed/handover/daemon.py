@@ -15,6 +15,8 @@ child it has (wormholes.py), so relays through it go on.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from .record import FdTable, half, half_buffered
 if TYPE_CHECKING:
     from ..segments import Segment
     from ..wormholes import Wormholes
+
+log = logging.getLogger("wormholed")
 
 
 @dataclass
@@ -82,8 +86,6 @@ async def export_segment(seg: Segment, table: FdTable) -> dict:
     entry = {"head": table.add(os.dup(seg.head_sock.fileno())) if seg.head_sock is not None else None,
              "active": seg.target is not None, "containers": {}, "stats": [],
              "relays": [], "clients": [], "flows": []}
-    for place, cid in seg.containers:
-        entry["containers"].setdefault(place, []).append(cid)
     tail_of = seg.tails.index_of if seg.tails is not None else (lambda sock: 0)
     if isinstance(proxy, UdpProxy):
         for addr, sock in await proxy.export():
@@ -97,6 +99,13 @@ async def export_segment(seg: Segment, table: FdTable) -> dict:
                                     "tail_index": index, "up": _half(table, up), "down": _half(table, down)})
         for client in clients:
             entry["clients"].append(table.add(client.detach()))
+    if seg._arming is not None:  # a trigger running: its waiting clients are out (above); stop it and
+        log.info("wormhole %s: its trigger is running: stopped, and what it built undone, for the "
+                 "handover (it runs again after)", seg.id)
+        seg._arming.cancel()      # undo what it built (a container it started is removed)
+        await asyncio.gather(seg._arming, return_exceptions=True)
+    for place, cid in seg.containers:
+        entry["containers"].setdefault(place, []).append(cid)
     stats = proxy.stats if proxy is not None else seg.stats  # after: the last bytes moved are in
     entry["stats"] = [stats.total, stats.bytes_in, stats.bytes_out, stats.refused]
     return entry
