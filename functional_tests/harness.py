@@ -304,23 +304,38 @@ class Host(Namespace):
 
     def start(self, *args: str, wait: bool = True, env: dict | None = None) -> subprocess.Popen:
         """Run wormholed; with `wait`, until it reports READY=1 (after restoring its records)."""
+        notify = self.launch(*args, env=env, notify=wait)
+        if wait:
+            self.ready(notify)
+        return self.daemon
+
+    def launch(self, *args: str, env: dict | None = None, notify: bool = True) -> socket.socket | None:
+        """Run wormholed and return at once; with `notify`, the socket its READY=1 comes to,
+        for ready() (start() is launch() then ready(); start_together() starts several)."""
         argv = [WORMHOLED, "-H", self.sock, "-H", "tcp://:9999", "--state-dir", str(self.state), *args]
         env = dict(env if env is not None else os.environ)
-        notify = None
-        if wait and "NOTIFY_SOCKET" not in env:
+        sock = None
+        if notify and "NOTIFY_SOCKET" not in env:
             path = self.dir / "notify.sock"
             path.unlink(missing_ok=True)
-            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            notify.bind(str(path))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(str(path))
             env["NOTIFY_SOCKET"] = str(path)
-        self.daemon = self.popen(*argv, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
-        if wait:
-            try:
-                self.wait_ready(notify)
-            finally:
-                if notify is not None:
-                    notify.close()
-        return self.daemon
+        try:
+            self.daemon = self.popen(*argv, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        return sock
+
+    def ready(self, notify: socket.socket | None) -> None:
+        """Wait until the daemon launch() ran is ready; closes `notify`."""
+        try:
+            self.wait_ready(notify)
+        finally:
+            if notify is not None:
+                notify.close()
 
     def wait_ready(self, notify: socket.socket | None = None, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout * SLOW
@@ -501,3 +516,19 @@ def s_client(ns: Namespace, key: str, lines: list[str], replies: int, port: int 
         timer.cancel()
         proc.kill()
         proc.wait()
+
+
+def start_together(*hosts_args: tuple[Host, tuple[str, ...]]) -> None:
+    """Start several hosts' daemons at once and wait for each: in the kernel lab, whose CPUs
+    are emulated, a daemon takes seconds to start, and two start in little more than one."""
+    launched: list[tuple[Host, socket.socket | None]] = []
+    try:
+        for h, args in hosts_args:
+            launched.append((h, h.launch(*args)))
+        while launched:
+            h, notify = launched.pop(0)
+            h.ready(notify)
+    finally:
+        for _, notify in launched:  # after a failure: the rest are not waited for
+            if notify is not None:
+                notify.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
-from harness import SLOW, Host, capture, reap_orphans, recv_all, veth
+from harness import SLOW, Host, capture, reap_orphans, recv_all, start_together, veth
 from test_wormholes import port_of, roundtrip
 
 OVERLAY = ipaddress.ip_network("100.64.0.0/14")
@@ -40,16 +40,14 @@ BACKEND = "kernel" if KERNEL_WG else "wireguard-go"
 @pytest.fixture
 def pair(make_host):
     """h1 (192.0.2.1, 2001:db8::1) <-> h2 (192.0.2.2, 2001:db8::2), same key, default settings."""
-    h1 = make_host(key=KEY)
-    h2 = make_host(key=KEY)
-    veth(h1, "192.0.2.1/24,2001:db8::1/64", h2, "192.0.2.2/24,2001:db8::2/64")
-    return h1, h2
+    return linked(make_host)
 
 
 def linked(make_host, args1=(), args2=()):
-    """A pair like `pair`, with daemon arguments."""
-    h1 = make_host(key=KEY, args=args1)
-    h2 = make_host(key=KEY, args=args2)
+    """A pair like `pair`, with daemon arguments; both daemons started at once."""
+    h1 = make_host(key=KEY, start=False)
+    h2 = make_host(key=KEY, start=False)
+    start_together((h1, tuple(args1)), (h2, tuple(args2)))
     veth(h1, "192.0.2.1/24,2001:db8::1/64", h2, "192.0.2.2/24,2001:db8::2/64")
     return h1, h2
 
