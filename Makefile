@@ -50,7 +50,7 @@ PY_ENGINE_TESTS := functional_tests/test_wormholes.py functional_tests/test_remo
     functional_tests/test_hardening.py::test_tcp_max_conns_and_idle_timeout_through_the_daemon
 
 test: deps install
-	@t0=$$(date +%s); $(PY) -m pytest -q unit_tests && echo "[make test] unit: $$(( $$(date +%s) - t0 )) s"
+	@t0=$$(date +%s); $(PY) -m pytest -q unit_tests bench/test_parse.py && echo "[make test] unit (and the bench's parsers): $$(( $$(date +%s) - t0 )) s"
 	@t0=$$(date +%s); $(MAKE) -s test-engine-asan && echo "[make test] engine under ASan/UBSan: $$(( $$(date +%s) - t0 )) s"
 	@t0=$$(date +%s); ./scripts/with-docker $(PY) -m pytest -q --durations=25 -m "not kernel" functional_tests \
 	    && echo "[make test] functional (this kernel): $$(( $$(date +%s) - t0 )) s"

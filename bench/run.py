@@ -9,7 +9,9 @@ haproxy, socat), the rates as the median of --repeat runs:
 * new connections per second: wrk with ``Connection: close`` (one TCP
   connection per request) -> [proxy] -> nginx returning a 2-byte body, and the
   proxy's CPU time per connection meanwhile;
-* keep-alive requests per second: wrk -c32 over kept-alive connections, same nginx;
+* keep-alive requests per second: wrk -c32 over kept-alive connections, same nginx; and
+  again the wormhole row against haproxy alone, run for run, alternating, with the host's
+  steal time of each run (bench/sidebyside.py: on a VM that is what moves the rate most);
 * idle connections: 8,000 connections held through the proxy to a target that
   accepts and holds them (bench/loadgen.py), and what they cost: the proxy's RSS
   and fds, and the kernel's slab memory, per connection;
@@ -2207,7 +2209,8 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tunnel  # not at the top: it imports this module
+    import sidebyside  # not at the top: these import this module
+    import tunnel
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0,
@@ -2245,6 +2248,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(f"# [{time.monotonic() - t0:4.0f} s] {msg}", file=sys.stderr, flush=True))
     try:
         rows, tunnel_rows, veth_mtu = run(names, opts, log)
+        side = sidebyside.measure(names, opts.duration, log)
         costs = measure_metrics_cost(names, opts, log)
         cli_times = measure_cli(names, log)
         handover = measure_handover(names, log)
@@ -2257,6 +2261,8 @@ def main(argv: list[str] | None = None) -> int:
             "kernel": platform.release(), "duration_s": args.duration, "repeat": args.repeat,
             "idle_connections": args.idle_conns, "rlimit_nofile": nofile, "seconds": round(took)}
     if args.json:
+        if side:
+            meta["keepalive_side_by_side"] = sidebyside.to_json(side)
         if costs:
             meta["metrics_cost"] = metrics_cost_to_json(costs)
         if cli_times:
@@ -2271,6 +2277,8 @@ def main(argv: list[str] | None = None) -> int:
         tables = []
         if rows:
             tables.append(format_table(rows))
+        if side:
+            tables.append(sidebyside.table(side, args.duration))
         if costs:
             tables.append(metrics_cost_table(costs))
         if cli_times:

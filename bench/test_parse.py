@@ -930,3 +930,20 @@ def test_handover_json():
     assert (many["connections_asked"], many["connections"]) == (5000, 3290)
     assert many["note"] == "3290 connections, not 5000: 6 fds each"
     assert doc["times_stream"]["sent"] == 9100
+
+
+def test_side_by_side_ratios_and_the_quiet_median():
+    import sidebyside as sbs
+
+    def pair(w, ws, h, hs):
+        return sbs.Pair({"wormhole": sbs.Run(w, ws), "haproxy": sbs.Run(h, hs)})
+
+    result = sbs.SideBySide([pair(30000, 1.0, 25000, 2.0), pair(9000, 40.0, 18000, 10.0),
+                             pair(22000, 3.0, 20000, 6.0)])
+    assert [round(p.ratio, 2) for p in result.pairs] == [1.2, 0.5, 1.1]
+    assert [p.quiet for p in result.pairs] == [True, False, False]
+    assert round(result.median_ratio(), 2) == 1.1 and round(result.median_ratio(quiet_only=True), 2) == 1.2
+    text = sbs.table(result, 4)
+    assert "median ratio 1.10 over all 3 pairs; 1.20 over the 1 with both steals under 5%" in text
+    assert sbs.to_json(result)["pairs"][1] == {"wormhole": {"rate": 9000, "steal": 40.0},
+                                               "haproxy": {"rate": 18000, "steal": 10.0}}
