@@ -324,6 +324,7 @@ def test_tunnel_wormhole_carries_bytes_and_only_wireguard_crosses_the_underlay(p
     ident, url = h1.create("id", "db", "url", ":3306", "tunnel", "192.0.2.2")
     assert (ident, url) == ("db", "tcp://127.0.0.1:3306")
     near_t, far_t = one_tunnel(h1), one_tunnel(h2)
+    assert far_t["local_ip"] == near_t["remote_ip"], (near_t, far_t)
     [near] = h1.list()
     assert near["tail"] == f"tcp://{near_t['remote_ip']}:{port_of(near['tail'])}", near
     [far] = h2.list()

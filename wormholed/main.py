@@ -306,13 +306,16 @@ async def _run(config: Config, state: StateDir, handover: Handover | None = None
         if handover is not None and handover.state["control"]:
             where = f"{len(handover.state['control'])} socket(s) taken over"
         log.info("listening on %s", where)
-        server = takeover.Server(config.state_dir, export, resume)
+        broken: list[str] = []  # why a handover's export failed: the daemon stops (exit 1)
+        server = takeover.Server(config.state_dir, export, resume, lambda why: (broken.append(why), stop.set()))
         server.start()
         systemd.notify("READY=1")
         systemd.start_watchdog()
         await stop.wait()
         log.info("stopping")
         systemd.notify("STOPPING=1")
+        if broken:
+            raise StartError(f"stopped: a handover's export failed ({broken[0]}); start again to restore")
         if config.fd_store and os.environ.get("NOTIFY_SOCKET"):
             await _store_and_exit(export, resume, config.fd_store_max)
     finally:

@@ -59,12 +59,14 @@ def _recv(sock: socket.socket) -> dict:
 
 class Server:
     """The running daemon's handover socket. `export()` stops the daemon's serving and gives
-    (record, fds, keep); `resume(record, fds)` takes it back when the successor does not."""
+    (record, fds), or raises HandoverError before anything stops; `resume(record, fds)` takes
+    it back when the successor does not; `broken(why)` is told when export() failed otherwise
+    (part of the daemon may be stopped: it cannot serve on as it was)."""
 
     def __init__(self, state_dir: str, export: Callable[[], Awaitable[tuple[bytes, list[int]]]],
-                 resume: Callable[[bytes, list[int]], Awaitable[None]]):
+                 resume: Callable[[bytes, list[int]], Awaitable[None]], broken: Callable[[str], None]):
         self.path = str(Path(state_dir) / SOCKET_NAME)
-        self._export, self._resume = export, resume
+        self._export, self._resume, self._broken = export, resume, broken
         self._sock: socket.socket | None = None
         self._task: asyncio.Task | None = None
 
@@ -122,6 +124,14 @@ class Server:
         except HandoverError as e:  # raised before anything stopped
             log.error("handover to pid %s refused: %s; serving on", hello.get("pid"), e)
             _send(conn, {"refused": str(e)})
+            return
+        except Exception as e:  # a bug: whatever it stopped cannot be trusted to run on
+            why = f"{type(e).__name__}: {e}"
+            log.critical("handover: the export failed (%s); stopping, as this daemon cannot serve on as "
+                         "it was (its wormholes come back from their records at the next start)", why)
+            with contextlib.suppress(OSError):
+                _send(conn, {"refused": f"the running wormholed failed to hand over ({why}) and stops"})
+            self._broken(why)
             return
         try:
             await asyncio.to_thread(transfer.send, conn, record, fds)
