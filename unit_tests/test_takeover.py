@@ -22,24 +22,18 @@ async def ask(state_dir, export, resume):
     return str(info.value), broken
 
 
-def test_an_export_that_refuses_leaves_the_daemon_serving(tmp_path):
+@pytest.mark.parametrize("error, said, broken", [
+    # refused before anything stopped: the daemon serves on
+    (HandoverError("handing over needs 22 more file descriptors and has room for 18"), "has room for 18", []),
+    # failed part way: the successor hears it, and the daemon is told to stop
+    (RuntimeError("a bug"), "failed to hand over (RuntimeError: a bug) and stops", ["RuntimeError: a bug"]),
+])
+def test_an_export_that_refuses_or_fails(tmp_path, error, said, broken):
     async def export():
-        raise HandoverError("handing over needs 22 more file descriptors and has room for 18")
-
-    async def resume(record, fds):
-        raise AssertionError("nothing was exported")
-
-    said, broken = asyncio.run(ask(tmp_path, export, resume))
-    assert "has room for 18" in said and broken == []
-
-
-def test_an_export_that_fails_tells_the_successor_and_stops_the_daemon(tmp_path):
-    async def export():
-        raise RuntimeError("a bug")
+        raise error
 
     async def resume(record, fds):
         raise AssertionError("there is nothing whole to take back")
 
-    said, broken = asyncio.run(ask(tmp_path, export, resume))
-    assert "failed to hand over (RuntimeError: a bug) and stops" in said
-    assert broken == ["RuntimeError: a bug"]
+    heard, told = asyncio.run(ask(tmp_path, export, resume))
+    assert said in heard and told == broken
