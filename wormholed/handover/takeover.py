@@ -12,10 +12,12 @@ handover socket, STATE_DIR/handover.sock (a SOCK_SEQPACKET unix socket, mode 060
               or {"refused": WHY}, or the socket closes      the daemon takes it all back
 
 Everything the successor can refuse for (a version it does not read, a record it cannot
-decode, more fds than its RLIMIT_NOFILE leaves room for) it refuses before it takes an fd, so a refused or broken takeover leaves the old
-daemon serving everything: it adopts its own record again, as a successor would. After
-the commit the successor waits for the state dir's lock (the old daemon's exit releases
-it) before it serves the control channel.
+decode, more fds than its RLIMIT_NOFILE leaves room for) it refuses before it takes an
+fd, so a refused or broken takeover leaves the old daemon serving everything: it adopts
+its own record again, as a successor would. After the commit the successor waits for the
+state dir's lock (the old daemon's exit releases it) before it serves the control channel.
+An export that fails part way (a bug, not a refusal) stops the old daemon instead: what
+it stopped cannot be trusted to run on, and its records bring the wormholes back.
 
 The old daemon's exit after a commit is os._exit: no exit stack runs, so no container is
 removed, no remote child deleted, no unix socket file unlinked, and no socket is shut
