@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve()
 
 
 def serve_engine(port: int, target: int) -> None:
-    from wormholed import _engine
+    from wormholed import engine as _engine
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     eng = _engine.Engine()

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from wormholed import _engine
+from wormholed import engine as _engine
 from fds import no_new_fds
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates a network namespace")

@@ -12,7 +12,6 @@ import errno
 import fcntl
 import gc
 import hashlib
-import importlib.util
 import os
 import random
 import resource
@@ -31,13 +30,7 @@ from fds import describe, no_new_fds, open_fds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-if os.environ.get("WORMHOLE_ENGINE_SO"):
-    _spec = importlib.util.spec_from_file_location("wormholed._engine", os.environ["WORMHOLE_ENGINE_SO"])
-    _engine = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_engine)
-    sys.modules["wormholed._engine"] = _engine
-else:
-    from wormholed import _engine
+from wormholed import engine as _engine  # WORMHOLE_ENGINE_SO: make test-engine-asan's build
 
 LOCAL = "127.0.0.1"
 LINGER0 = b"\1\0\0\0\0\0\0\0"

@@ -1,72 +1,50 @@
 /*
- * wormholed._engine: the per-connection TCP path in C. One Engine is an epoll
- * set and a pthread that never holds the GIL: it accepts on listening sockets
- * Python gives it, connects each client to its listener's target (in the
- * target's network namespace), relays bytes both ways and closes. Python is
- * the control plane: it sends commands and takes back what the engine cannot
- * finish (handoffs). The API is in the module's docstring, at the end.
+ * wormholed._engine: the per-connection TCP path in C. One engine is an epoll set and a pthread
+ * that never touches Python: it accepts on listening sockets it is given, connects each client to
+ * its listener's target (in the target's network namespace), relays bytes both ways and closes.
+ * Python is the control plane, through the flat we_* API at the end (wormholed/engine.py calls it
+ * with ctypes, the GIL released, and documents it); what the engine cannot finish it hands off.
  *
  * Invariants
- * - Threads. The engine thread never touches a Python object. It shares with
- *   Python only the command queue, the handoff queue and the listener table
- *   (under mu), the listeners' counters (atomics; stats() and dropped() use
- *   them under mu, so that the listener cannot be freed meanwhile) and the
- *   eventfds. All else
- *   (connections, spares, the pipe pool, a listener's fd and target) is the
- *   engine thread's from the listener's LISTEN command until its UNLISTEN ran
- *   (or the thread was joined); Python frees a listener only after that.
- * - Commands run after an epoll batch, never inside one, so no event of the
- *   batch refers to a freed listener; they run in the order posted (a relay
- *   posted before an unlisten runs first). close() sets `closed` under the
- *   GIL before posting STOP, so STOP is the last command. Only relay() does
- *   not wait for its command.
- * - A closed connection leaves every list for `dead`, freed after the batch;
- *   later events of the batch see `closed`. Every socket leaves the epoll set
- *   (EPOLL_CTL_DEL) before close(): a forked child may still share its file.
- * - Fds: each fd the engine owns is in exactly one place (a listener: fd,
- *   netns, spares; a connection: fd[2], a half's pipe; the pipe pool; the
- *   handoff queue) and is closed once, when it leaves it, unless handed to
- *   Python. Only the engine thread calls setns, and always goes home after.
- * - Idle cost: 2 fds and ~250 bytes per relayed connection. A direction
- *   copies through the thread's one read buffer and allocates only what a
- *   write left over; after a read that filled the buffer it splices through a
- *   pipe of the pool. When its source would block with the pipe empty the
- *   pipe is parked (e->parked, in time order), and it goes back to the pool
- *   once unused for PIPE_IDLE_MS: a stream keeps splicing, an idle
- *   connection is back to 2 fds within a second.
- * - Semantics are wormholed/proxy/tcp.py's: edge-triggered epoll registered
- *   once per socket; back-pressure by not reading a source while its bytes
- *   wait; EOF -> shutdown(SHUT_WR) of the other side, both EOFs -> close
- *   (FINs); ECONNRESET/EPIPE -> RST both (SO_LINGER 0); an idle socket reset
- *   after its EOF is noticed through EPOLLERR + SO_ERROR.
- * - Limits (set_limits). A listener's `open` counts its connections wherever
- *   they are: connecting, relayed, or handed off (until relay() takes them
- *   back, still counted, or Python says dropped()). An accept while open >=
- *   max_conns, or onto one of the last FD_RESERVE fds under RLIMIT_NOFILE (as
- *   when the engine started), is reset at once, counted refused, not total. With idle_ms, its
- *   relayed connections are in `idle` (by `timer`), each moved to the tail
- *   when bytes move: oldest activity first. sweep() resets both sides of those
- *   idle for idle_ms, at most SWEEP_MS late. Timers read e->now, set per batch.
- * - Export and adopt (a successor process takes the connections over). The
- *   EXPORT command takes lid's listener off the epoll set, closes our dup of
- *   it and moves each connection, struct and all, out of every list and the
- *   epoll set to the command, uncounted from open: no socket is closed, shut
- *   down or touched (a tail still connecting, which never carried a byte, is
- *   closed; its client goes alone). A half's pending bytes are exact (in buf,
- *   else in its pipe; never both); an empty pipe goes back to the pool. Its
- *   other state the sockets keep: a registration reports RDHUP/ERR again, a
- *   successor meets splice's EINVAL (nosplice) again and loses no byte.
- *   Python then owns every fd of those connections. `exported` (under mu,
- *   set when export() posts) makes relay(), adopt() and export() of the lid
- *   raise; the listener lives on for stats(), dropped() and unlisten().
- *   ADOPT is RELAY with the halves' state: adopt() builds the conn (bytes of
- *   the pipe read behind buffered ones, so the invariant holds) and counts
- *   it; the engine thread links it to the listener and registers it.
+ * - Threads. The engine thread shares with callers only the command queue, the handoff queue, the
+ *   listener table and `closing` (under mu), the listeners' counters (atomics, read under mu so
+ *   that the listener cannot be freed meanwhile) and the eventfds. All else (connections, spares,
+ *   the pipe pool, a listener's fd and target) is the engine thread's from the listener's LISTEN
+ *   command until its UNLISTEN ran (or the thread was joined); only then is a listener freed.
+ * - Commands run after an epoll batch, never inside one, so no event of the batch refers to a
+ *   freed listener; they run in the order posted. we_close() sets `closing` under mu and posts
+ *   STOP; no command is posted after it (E_CLOSED). Only relay() does not wait for its command.
+ * - A closed connection leaves every list for `dead`, freed after the batch; later events of the
+ *   batch see `closed`. Every socket leaves the epoll set before close(): a fork may share it.
+ * - Fds: each fd the engine owns is in exactly one place (a listener: fd, netns, spares; a
+ *   connection: fd[2], a half's pipe; the pipe pool; the handoff queue) and is closed once, when
+ *   it leaves it, unless handed to Python. Only the engine thread calls setns, and goes home after.
+ * - Idle cost: 2 fds and ~250 bytes per relayed connection. A direction copies through the
+ *   thread's one read buffer and allocates only what a write left over; after a read that filled
+ *   the buffer it splices through a pipe of the pool. A pipe whose source would block is parked
+ *   (e->parked, in time order) and goes back to the pool after PIPE_IDLE_MS unused.
+ * - Semantics are wormholed/proxy/tcp.py's: edge-triggered epoll registered once per socket;
+ *   back-pressure by not reading a source while its bytes wait; EOF -> shutdown(SHUT_WR) of the
+ *   other side, both EOFs -> close (FINs); ECONNRESET/EPIPE -> RST both (SO_LINGER 0); an idle
+ *   socket reset after its EOF is noticed through EPOLLERR + SO_ERROR.
+ * - Limits. A listener's `open` counts its connections wherever they are: connecting, relayed,
+ *   or handed off (until relay() takes them back, or Python says dropped). An accept while open
+ *   >= max_conns, or onto one of the last FD_RESERVE fds under RLIMIT_NOFILE, is reset at once
+ *   and counted refused, not total. With idle_ms, relayed connections are in `idle`, oldest
+ *   activity first; sweep() resets those idle for idle_ms, at most SWEEP_MS late (e->now per batch).
+ * - Export and adopt (a successor process takes the connections over). EXPORT takes the listener
+ *   off the epoll set, closes our dup of it and moves each connection, struct and all, out of
+ *   every list and the epoll set, uncounted from open: no socket is closed, shut down or touched
+ *   (a tail still connecting, which never carried a byte, is closed; its client goes alone). A
+ *   half's pending bytes are exact: in buf, else in its pipe, never both. The sockets keep the
+ *   rest: a new registration reports RDHUP/ERR again, splice's EINVAL (nosplice) recurs.
+ *   `exported` (under mu) then refuses relay(), adopt() and export() of the lid. ADOPT is RELAY
+ *   with the halves' state (the pipe's bytes read behind buffered ones, so the invariant holds).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <arpa/inet.h> /* Python.h brings errno.h, stdlib.h, string.h */
+/* Python.h (for PyInit only) brings errno.h, stdlib.h, string.h */
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -169,6 +147,7 @@ struct engine {
     size_t hn, hcap;
     struct link table;
     int next_lid;
+    int closing;             /* under mu: close() began; commands are refused (E_CLOSED) */
     int stop, away, fd_ceiling; /* the engine thread's from here; away: not in its home netns */
     int64_t now, sweep_at;   /* now: read after each epoll_wait; sweep_at: the next sweep() */
     char *rbuf;
@@ -704,19 +683,9 @@ static void *run(void *arg) {
     return NULL;
 }
 
-/* ---- Python ---- */
+/* ---- the API: wormholed/engine.py calls these through ctypes, which releases the GIL ---- */
 
-typedef struct {
-    PyObject_HEAD
-    struct engine *e;
-    int closed;
-} EngineObject;
-
-static PyObject *os_error(int err) { return errno = err, PyErr_SetFromErrno(PyExc_OSError); }
-
-static int check_open(EngineObject *self) {
-    return self->closed ? PyErr_SetString(PyExc_ValueError, "the engine is closed"), 0 : 1;
-}
+enum { E_NOLID = -1000, E_EXPORTED = -1001, E_CLOSED = -1002 }; /* returned beside -errno */
 
 static struct listener *find(struct engine *e, int lid) { /* under mu */
     for (struct link *n = e->table.next; n != &e->table; n = n->next)
@@ -724,17 +693,14 @@ static struct listener *find(struct engine *e, int lid) { /* under mu */
     return NULL;
 }
 
-/* lid's listener with mu held, or NULL (mu released) with ValueError set: no such lid, or (live) it
-   was exported. */
-static struct listener *locked(struct engine *e, int lid, int live) {
+/* lid's listener with mu held; else NULL (mu released) and *err: closed, no such lid, or (live) exported. */
+static struct listener *locked(struct engine *e, int lid, int live, int *err) {
     pthread_mutex_lock(&e->mu);
-    struct listener *l = find(e, lid);
-    if (!l || (live && l->exported)) {
-        pthread_mutex_unlock(&e->mu);
-        PyErr_Format(PyExc_ValueError, l ? "listener %d was exported" : "no listener %d", lid);
-        return NULL;
-    }
-    return l;
+    struct listener *l = e->closing ? NULL : find(e, lid);
+    if (l && !(live && l->exported)) return l;
+    *err = e->closing ? E_CLOSED : l ? E_EXPORTED : E_NOLID;
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
 }
 
 static void post(struct engine *e, struct cmd *c) { /* under mu */
@@ -742,27 +708,17 @@ static void post(struct engine *e, struct cmd *c) { /* under mu */
     ring(e->wakefd);
 }
 
-/* Wait for a sync command posted by the caller. */
-static int wait_done(struct engine *e, struct cmd *c) {
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&e->mu);
-    while (!c->done) pthread_cond_wait(&e->cv, &e->mu);
-    pthread_mutex_unlock(&e->mu);
-    Py_END_ALLOW_THREADS
-    return c->err;
-}
-
-/* Look lid up and post c for it (sync: wait); -1 with ValueError if there is no such lid, or if
-   it was exported and c is a relay or an export. */
-static int command(EngineObject *self, int lid, struct cmd *c, int drop) {
-    struct engine *e = self->e;
-    int sync = c->sync; /* once posted, an async command is the engine's to free */
-    if (!(c->l = locked(e, lid, c->op == C_RELAY || c->op == C_EXPORT))) return -1;
+/* Look lid up and post c for it (sync: wait for it); 0, -errno of the command, or an E_ code. */
+static int command(struct engine *e, int lid, struct cmd *c, int drop) {
+    int sync = c->sync, err; /* once posted, an async command is the engine's to free */
+    if (!(c->l = locked(e, lid, c->op == C_RELAY || c->op == C_EXPORT, &err))) return err;
     c->l->exported |= c->op == C_EXPORT;
     if (drop) l_del(&c->l->table);
     post(e, c);
+    if (!sync) return pthread_mutex_unlock(&e->mu), 0;
+    while (!c->done) pthread_cond_wait(&e->cv, &e->mu);
     pthread_mutex_unlock(&e->mu);
-    return sync ? wait_done(e, c) : 0;
+    return -c->err;
 }
 
 static void teardown(struct engine *e) { /* the thread is not running */
@@ -774,48 +730,44 @@ static void teardown(struct engine *e) { /* the thread is not running */
     free(e->rbuf), e->rbuf = NULL;
 }
 
-static PyObject *Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
-    struct engine *e = self->e;
+/* Unlisten all, join the thread, close everything; idempotent. Calls after it return E_CLOSED. */
+void we_close(struct engine *e) {
     struct link gone;
-    if (self->closed || !e) Py_RETURN_NONE;
-    self->closed = 1;
     l_init(&gone);
-    if (e->started) {
-        pthread_mutex_lock(&e->mu);
+    pthread_mutex_lock(&e->mu);
+    int first = !e->closing;
+    e->closing = 1;
+    if (first && e->started) {
         for (struct link *n; !l_empty(&e->table);) n = e->table.next, l_del(n), l_add(&gone, n); /* freed after */
         e->stop_cmd.op = C_STOP;
         post(e, &e->stop_cmd);
-        pthread_mutex_unlock(&e->mu);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(e->thread, NULL);
-        Py_END_ALLOW_THREADS
-        e->started = 0;
     }
-    for (struct link *n; !l_empty(&gone);) n = gone.next, l_del(n), free(OF(n, struct listener, table));
+    pthread_mutex_unlock(&e->mu);
+    if (!first) return;
+    if (e->started) pthread_join(e->thread, NULL), e->started = 0;
+    while (!l_empty(&gone)) { /* a listen() that could not post still has its dup */
+        struct listener *l = OF(gone.next, struct listener, table);
+        l_del(&l->table);
+        if (l->fd >= 0) close(l->fd);
+        free(l);
+    }
     teardown(e);
-    Py_RETURN_NONE;
 }
 
-static void Engine_dealloc(EngineObject *self) {
-    if (self->e) {
-        Engine_close(self, NULL);
-        pthread_mutex_destroy(&self->e->mu), pthread_cond_destroy(&self->e->cv);
-        free(self->e);
-    }
-    Py_TYPE(self)->tp_free((PyObject *)self);
+void we_free(struct engine *e) {
+    we_close(e);
+    pthread_mutex_destroy(&e->mu), pthread_cond_destroy(&e->cv);
+    free(e);
 }
 
-static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {NULL};
+/* A new engine with its thread running, or NULL with *err. */
+struct engine *we_new(int *err) {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_WAKE};
     struct stat st;
+    struct rlimit rl;
     sigset_t all, old;
-    int err;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, ":Engine", kwlist)) return NULL;
-    EngineObject *self = (EngineObject *)type->tp_alloc(type, 0);
-    if (!self) return NULL;
-    struct engine *e = self->e = calloc(1, sizeof *e);
-    if (!e) return Py_DECREF(self), PyErr_NoMemory();
+    struct engine *e = calloc(1, sizeof *e);
+    if (!e) return *err = ENOMEM, NULL;
     pthread_mutex_init(&e->mu, NULL), pthread_cond_init(&e->cv, NULL);
     e->cmds_tail = &e->cmds, e->sweep_at = INT64_MAX;
     l_init(&e->table), l_init(&e->active), l_init(&e->ready);
@@ -828,182 +780,181 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     e->home = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
     if (e->ep < 0 || e->wakefd < 0 || e->handfd < 0 || e->home < 0 || fstat(e->home, &st) < 0 ||
         epoll_ctl(e->ep, EPOLL_CTL_ADD, e->wakefd, &ev) < 0 || !(e->rbuf = malloc(BUF_SIZE))) {
-        err = errno;
+        *err = errno;
         goto fail;
     }
     e->home_dev = st.st_dev, e->home_ino = st.st_ino;
-    struct rlimit rl; /* accepting stops short of the last FD_RESERVE fds (RLIMIT_NOFILE as of now) */
+    /* accepting stops short of the last FD_RESERVE fds (RLIMIT_NOFILE as of now) */
     e->fd_ceiling = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < INT_MAX ? (int)rl.rlim_cur - FD_RESERVE : INT_MAX;
     sigfillset(&all); /* signals are for Python's threads */
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    err = pthread_create(&e->thread, NULL, run, e);
+    *err = pthread_create(&e->thread, NULL, run, e);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (err) goto fail;
+    if (*err) goto fail;
     e->started = 1;
     pthread_setname_np(e->thread, "wormhole-engine");
-    return (PyObject *)self;
+    return e;
 fail:
-    Py_DECREF(self); /* dealloc: teardown */
-    return os_error(err);
+    we_free(e);
+    return NULL;
 }
 
-static PyObject *Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
-    return check_open(self) ? PyLong_FromLong(self->e->handfd) : NULL;
-}
+int we_fileno(struct engine *e) { return e->handfd; }
 
-static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
-    struct engine *e = self->e;
+int we_listen(struct engine *e, int fd) {
     struct cmd c = {.op = C_LISTEN, .sync = 1};
-    int fd, on = 0, flags;
+    int on = 0, flags, err;
     socklen_t len = sizeof on;
-    if (!PyArg_ParseTuple(args, "i:listen", &fd) || !check_open(self)) return NULL;
-    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) < 0) return os_error(errno);
-    if (!on) return os_error(EINVAL);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) < 0) return -errno;
+    if (!on) return -EINVAL;
     if ((flags = fcntl(fd, F_GETFL)) < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0))
-        return os_error(errno);
+        return -errno;
     struct listener *l = calloc(1, sizeof *l);
-    if (!l) return PyErr_NoMemory();
-    if ((l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) return free(l), os_error(errno);
+    if (!l) return -ENOMEM;
+    if ((l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) return free(l), -errno;
     l->netns = -1;
     l_init(&l->conns), l_init(&l->idle);
     pthread_mutex_lock(&e->mu);
-    int lid = l->lid = ++e->next_lid;
-    l_add(&e->table, &l->table);
+    int lid = l->lid = ++e->next_lid, closing = e->closing;
+    if (!closing) l_add(&e->table, &l->table);
     pthread_mutex_unlock(&e->mu);
-    if (command(self, lid, &c, 0) != 0) {
-        if (!self->closed) /* else a close() meanwhile took it from the table, to free it */
-            pthread_mutex_lock(&e->mu), l_del(&l->table), pthread_mutex_unlock(&e->mu), free(l);
-        return os_error(c.err);
-    }
-    return PyLong_FromLong(lid);
+    if (closing) return close(l->fd), free(l), E_CLOSED;
+    if ((err = command(e, lid, &c, 0)) == 0) return lid;
+    pthread_mutex_lock(&e->mu); /* the LISTEN failed (it closed l->fd), or close() took l, to free it */
+    if (!e->closing) l_del(&l->table), free(l);
+    pthread_mutex_unlock(&e->mu);
+    return err;
 }
 
-static PyObject *Engine_set_target(EngineObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"lid", "family", "host", "port", "netns_fd", NULL};
-    struct cmd c = {.op = C_TARGET, .sync = 1, .a = -1};
-    int lid, family, port, netns = -1;
-    const char *host;
+/* addr: a sockaddr_in or sockaddr_in6; netns: an fd of the target's namespace (dup()ed), -1: the engine's */
+int we_set_target(struct engine *e, int lid, const void *addr, int alen, int netns) {
+    struct cmd c = {.op = C_TARGET, .sync = 1, .a = -1, .alen = (socklen_t)alen};
     struct stat st;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iisi|i:set_target", kwlist, &lid, &family, &host, &port,
-                                     &netns) || !check_open(self))
-        return NULL;
-    if (port < 1 || port > 65535) return PyErr_Format(PyExc_ValueError, "bad port %d", port);
-    struct sockaddr_in *sin = (struct sockaddr_in *)&c.addr;
-    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&c.addr;
-    if (family != AF_INET && family != AF_INET6)
-        return PyErr_Format(PyExc_ValueError, "family must be AF_INET or AF_INET6, not %d", family);
-    c.family = family;
-    if (family == AF_INET) sin->sin_family = AF_INET, sin->sin_port = htons((uint16_t)port), c.alen = sizeof *sin;
-    else sin6->sin6_family = AF_INET6, sin6->sin6_port = htons((uint16_t)port), c.alen = sizeof *sin6;
-    if (inet_pton(family, host, family == AF_INET ? (void *)&sin->sin_addr : (void *)&sin6->sin6_addr) != 1)
-        return PyErr_Format(PyExc_ValueError, "not a numeric IPv%d address: %s", family == AF_INET ? 4 : 6, host);
+    int err;
+    if (alen < (int)sizeof(sa_family_t) || alen > (int)sizeof c.addr) return -EINVAL;
+    memcpy(&c.addr, addr, (size_t)alen), c.family = c.addr.ss_family;
     if (netns >= 0) {
-        if (fstat(netns, &st) < 0) return os_error(errno);
+        if (fstat(netns, &st) < 0) return -errno;
         /* the engine's own namespace needs no setns (nor the privilege for it) */
-        if ((st.st_dev != self->e->home_dev || st.st_ino != self->e->home_ino) &&
-            (c.a = fcntl(netns, F_DUPFD_CLOEXEC, 0)) < 0)
-            return os_error(errno);
+        if ((st.st_dev != e->home_dev || st.st_ino != e->home_ino) && (c.a = fcntl(netns, F_DUPFD_CLOEXEC, 0)) < 0)
+            return -errno;
     }
-    if (command(self, lid, &c, 0) < 0) return c.a >= 0 ? close(c.a) : 0, NULL;
-    Py_RETURN_NONE;
+    if ((err = command(e, lid, &c, 0)) < 0 && c.a >= 0) close(c.a);
+    return err;
 }
 
-static PyObject *Engine_clear_target(EngineObject *self, PyObject *args) {
+int we_clear_target(struct engine *e, int lid) {
     struct cmd c = {.op = C_CLEAR, .sync = 1, .a = -1};
-    int lid;
-    if (!PyArg_ParseTuple(args, "i:clear_target", &lid) || !check_open(self) || command(self, lid, &c, 0) < 0) return NULL;
-    Py_RETURN_NONE;
+    return command(e, lid, &c, 0);
 }
 
-static PyObject *Engine_relay(EngineObject *self, PyObject *args) {
-    int lid, client, tail;
-    if (!PyArg_ParseTuple(args, "iii:relay", &lid, &client, &tail) || !check_open(self)) return NULL;
-    if (client < 0 || tail < 0 || client == tail) return PyErr_Format(PyExc_ValueError, "bad fds");
+int we_set_limits(struct engine *e, int lid, int max_conns, int idle_ms) {
+    struct cmd c = {.op = C_LIMITS, .sync = 1, .a = max_conns, .b = idle_ms};
+    return command(e, lid, &c, 0);
+}
+
+/* Once it returns 0 the engine owns both fds; otherwise the caller still does. */
+int we_relay(struct engine *e, int lid, int client, int tail) {
     struct cmd *c = calloc(1, sizeof *c);
-    if (!c) return PyErr_NoMemory();
+    int err;
+    if (!c) return -ENOMEM;
     c->op = C_RELAY, c->a = client, c->b = tail;
-    if (command(self, lid, c, 0) < 0) return free(c), NULL;
-    Py_RETURN_NONE;
+    if ((err = command(e, lid, c, 0)) < 0) free(c);
+    return err;
 }
 
-/* (pipe_r, pipe_w, pipe_pending, buffered, done) of an exported half */
-static PyObject *half_state(const struct half *h) {
-    return Py_BuildValue("(iiIy#O)", h->pr, h->pw, h->buf ? 0 : h->pending, h->buf ? h->buf + h->off : "",
-                         (Py_ssize_t)(h->buf ? h->pending : 0), h->done ? Py_True : Py_False);
+int we_unlisten(struct engine *e, int lid) {
+    struct cmd c = {.op = C_UNLISTEN, .sync = 1};
+    int err = command(e, lid, &c, 1);
+    if (!err) free(c.l); /* the engine no longer knows it */
+    return err;
 }
 
-/* Free export's connections; reset: their fds too (they could not reach Python). */
-static void free_exported(struct link *out, int reset) {
-    while (!l_empty(out)) {
-        struct conn *c = OF(out->next, struct conn, node);
-        l_del(&c->node);
-        for (int i = 0; i < 2; i++) {
-            if (reset && c->fd[i] >= 0) abort_fd(c->fd[i]);
-            if (reset && c->h[i].pr >= 0) close(c->h[i].pr), close(c->h[i].pw);
-            free(c->h[i].buf);
-        }
-        free(c);
-    }
+/* which: -1 dropped() (open - 1), 0 stats() (read), 1 add_stats() (add n[1..4]); n: open, total, in, out, refused */
+int we_counts(struct engine *e, int lid, int which, int64_t n[NCOUNTS]) {
+    int err;
+    struct listener *l = locked(e, lid, 0, &err);
+    if (!l) return err;
+    for (int i = 0; i < NCOUNTS; i++)
+        if (which == 0) n[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
+        else if (which > 0 && i != OPEN) count(l, i, n[i]);
+    if (which < 0) uncount(l);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
 }
 
-static PyObject *Engine_export(EngineObject *self, PyObject *args) {
+/* The handoffs queued (Python owns their fds), in a block for we_release; *n of them; eventfd reset. */
+struct handoff *we_handoffs(struct engine *e, int *n) {
+    uint64_t v;
+    pthread_mutex_lock(&e->mu);
+    struct handoff *hq = e->hq;
+    *n = (int)e->hn;
+    e->hq = NULL, e->hn = e->hcap = 0;
+    if (read(e->handfd, &v, sizeof v) < 0) { /* EAGAIN: nothing was signalled */ }
+    pthread_mutex_unlock(&e->mu);
+    return hq;
+}
+
+void we_release(void *p) { free(p); }
+
+/* A half as export() gives it and adopt() takes it: bytes read, not yet written, are buf[0:nbuf] first,
+   then `piped` in the pipe (pr, pw; -1: none). done: EOF passed on. */
+struct xhalf { int pr, pw; uint32_t piped, nbuf; char *buf; int done; };
+struct xconn { int fd[2]; int64_t idle_ms; struct xhalf h[2]; }; /* fd[1] -1: a client alone */
+
+/* lid's connections, each in a block for we_release (and each half's buf for we_release), or an E_ code.
+   The caller owns every fd. */
+int we_export(struct engine *e, int lid, struct xconn **out) {
     struct cmd c = {.op = C_EXPORT, .sync = 1};
-    PyObject *relayed, *clients, *res = NULL;
-    int lid;
-    if (!PyArg_ParseTuple(args, "i:export", &lid) || !check_open(self)) return NULL;
+    int n = 0, err;
     l_init(&c.conns);
-    if (command(self, lid, &c, 0) < 0) return NULL;
+    if ((err = command(e, lid, &c, 0)) < 0) return err;
+    for (struct link *k = c.conns.next; k != &c.conns; k = k->next) n++;
+    struct xconn *x = *out = calloc((size_t)n + 1, sizeof *x);
     int64_t now = now_ms();
-    relayed = PyList_New(0), clients = PyList_New(0);
-    for (struct link *n = c.conns.next; relayed && clients && n != &c.conns; n = n->next) {
-        struct conn *k = OF(n, struct conn, node);
-        PyObject *item = k->fd[1] < 0 ? PyLong_FromLong(k->fd[0])
-            : Py_BuildValue("(iiNNL)", k->fd[0], k->fd[1], half_state(&k->h[0]), half_state(&k->h[1]),
-                            (long long)(now - k->at));
-        if (!item || PyList_Append(k->fd[1] < 0 ? clients : relayed, item) < 0) Py_CLEAR(relayed);
-        Py_XDECREF(item);
+    for (int i = 0; !l_empty(&c.conns); i++) {
+        struct conn *k = OF(c.conns.next, struct conn, node);
+        l_del(&k->node);
+        if (x) x[i].fd[0] = k->fd[0], x[i].fd[1] = k->fd[1], x[i].idle_ms = now - k->at;
+        for (int d = 0; d < 2; d++) {
+            struct half *h = &k->h[d];
+            if (h->buf) memmove(h->buf, h->buf + h->off, h->pending); /* buf[0:nbuf], for we_release */
+            if (x) {
+                x[i].h[d] = (struct xhalf){h->pr, h->pw, h->buf ? 0 : h->pending, h->buf ? h->pending : 0, h->buf, h->done};
+                continue;
+            }
+            if (k->fd[d] >= 0) abort_fd(k->fd[d]); /* no memory to say what they are: reset */
+            if (h->pr >= 0) close(h->pr), close(h->pw);
+            free(h->buf);
+        }
+        free(k);
     }
-    if (relayed && clients) res = PyTuple_Pack(2, relayed, clients);
-    Py_XDECREF(relayed), Py_XDECREF(clients);
-    free_exported(&c.conns, !res);
-    return res;
+    return x ? n : -ENOMEM;
 }
 
-static PyObject *Engine_adopt(EngineObject *self, PyObject *args) {
-    struct engine *e = self->e;
-    PyObject *state[2];
-    const char *bytes[2];
-    Py_ssize_t nb[2];
-    int lid, client, tail, pr, pw, piped, done, avail;
-    if (!PyArg_ParseTuple(args, "iiiO!O!:adopt", &lid, &client, &tail, &PyTuple_Type, &state[0], &PyTuple_Type,
-                          &state[1]) || !check_open(self))
-        return NULL;
-    if (client < 0 || tail < 0 || client == tail) return PyErr_Format(PyExc_ValueError, "bad fds");
+/* relay() of a pair with its halves as export() gave them: 0 once the engine owns the sockets and
+   pipes (and has read the pipes' bytes behind buffered ones where there are some), else the caller
+   still owns them. Counted open and in total. */
+int we_adopt(struct engine *e, int lid, int client, int tail, const struct xhalf *x) {
     struct cmd *c = calloc(1, sizeof *c);
     struct conn *k = new_conn(NULL, client, tail);
-    if (!c || !k) goto nomem;
+    int avail, err = -ENOMEM;
+    if (!c || !k) goto fail;
     for (int d = 0; d < 2; d++) { /* a half in read/write mode holds bytes in buf only: the pipe's go after */
         struct half *h = &k->h[d];
-        if (!PyArg_ParseTuple(state[d], "iiiy#p:adopt", &pr, &pw, &piped, &bytes[d], &nb[d], &done)) goto fail;
-        if ((pr < 0) != (pw < 0) || piped < 0 || (pr < 0 && piped) || (done && (piped || nb[d])) ||
-            (uint64_t)nb[d] + (uint64_t)piped > UINT32_MAX) {
-            PyErr_Format(PyExc_ValueError, "bad state of the %s half", d ? "down" : "up");
-            goto fail;
-        }
-        if (pr >= 0 && ioctl(pr, FIONREAD, &avail) < 0) { os_error(errno); goto fail; }
-        if (pr >= 0 && avail != piped) {
-            PyErr_Format(PyExc_ValueError, "the %s half's pipe holds %d bytes, not %d", d ? "down" : "up", avail, piped);
-            goto fail;
-        }
-        h->pr = pr, h->pw = pw, h->done = (uint8_t)done, h->pending = (uint32_t)(nb[d] + piped);
-        if (nb[d] && !(h->buf = malloc(h->pending))) goto nomem;
-        if (nb[d]) memcpy(h->buf, bytes[d], (size_t)nb[d]);
+        if ((x[d].pr < 0) != (x[d].pw < 0) || (x[d].pr < 0 && x[d].piped) || (x[d].done && (x[d].piped || x[d].nbuf)) ||
+            (uint64_t)x[d].nbuf + x[d].piped > UINT32_MAX) { err = -EINVAL; goto fail; }
+        if (x[d].pr >= 0 && ioctl(x[d].pr, FIONREAD, &avail) < 0) { err = -errno; goto fail; }
+        if (x[d].pr >= 0 && (uint32_t)avail != x[d].piped) { err = -EBADMSG; goto fail; }
+        h->pr = x[d].pr, h->pw = x[d].pw, h->done = (uint8_t)!!x[d].done, h->pending = x[d].nbuf + x[d].piped;
+        if (x[d].nbuf && !(h->buf = malloc(h->pending))) { err = -ENOMEM; goto fail; }
+        if (x[d].nbuf) memcpy(h->buf, x[d].buf, x[d].nbuf);
     }
-    if (!(c->l = locked(e, lid, 1))) goto fail;
+    if (!(c->l = locked(e, lid, 1, &err))) goto fail;
     for (int d = 0; d < 2; d++) /* commit: the pipe's bytes after buffered (FIONREAD counted them) */
-        for (uint32_t got = (uint32_t)nb[d]; k->h[d].buf && got < k->h[d].pending;) {
+        for (uint32_t got = x[d].nbuf; k->h[d].buf && got < k->h[d].pending;) {
             ssize_t n = read(k->h[d].pr, k->h[d].buf + got, k->h[d].pending - got);
-            if (n <= 0) { pthread_mutex_unlock(&e->mu), os_error(n < 0 ? errno : EIO); goto fail; }
+            if (n <= 0) { pthread_mutex_unlock(&e->mu), err = n < 0 ? -errno : -EIO; goto fail; }
             got += (uint32_t)n;
         }
     c->op = C_ADOPT;
@@ -1011,182 +962,18 @@ static PyObject *Engine_adopt(EngineObject *self, PyObject *args) {
     count(c->l, TOTAL, 1), count(c->l, OPEN, 1);
     post(e, c);
     pthread_mutex_unlock(&e->mu);
-    Py_RETURN_NONE;
-nomem:
-    PyErr_NoMemory();
-fail: /* Python still owns the fds */
+    return 0;
+fail:
     if (k) free(k->h[0].buf), free(k->h[1].buf);
     free(k), free(c);
-    return NULL;
+    return err;
 }
 
-static PyObject *Engine_add_stats(EngineObject *self, PyObject *args) {
-    long long n[4];
-    int lid;
-    struct listener *l;
-    if (!PyArg_ParseTuple(args, "iLLLL:add_stats", &lid, &n[0], &n[1], &n[2], &n[3]) || !check_open(self)) return NULL;
-    if (n[0] < 0 || n[1] < 0 || n[2] < 0 || n[3] < 0) return PyErr_Format(PyExc_ValueError, "counts must be >= 0");
-    if (!(l = locked(self->e, lid, 0))) return NULL;
-    count(l, TOTAL, n[0]), count(l, BYTES_IN, n[1]), count(l, BYTES_OUT, n[2]), count(l, REFUSED, n[3]);
-    pthread_mutex_unlock(&self->e->mu);
-    Py_RETURN_NONE;
-}
+const int we_connect_timeout_ms = CONNECT_MS;
 
-static PyObject *Engine_handoffs(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
-    struct engine *e = self->e;
-    uint64_t v;
-    if (!check_open(self)) return NULL;
-    pthread_mutex_lock(&e->mu);
-    struct handoff *hq = e->hq;
-    size_t n = e->hn;
-    if (n) e->hq = NULL, e->hn = e->hcap = 0;
-    if (read(e->handfd, &v, sizeof v) < 0) { /* EAGAIN: nothing was signalled */ }
-    pthread_mutex_unlock(&e->mu);
-    PyObject *list = PyList_New((Py_ssize_t)n);
-    for (size_t i = 0; list && i < n; i++) {
-        PyObject *t = Py_BuildValue("(iii)", hq[i].lid, hq[i].fd, hq[i].err);
-        if (!t) Py_CLEAR(list);
-        else PyList_SET_ITEM(list, (Py_ssize_t)i, t);
-    }
-    if (!list) { /* the fds would be lost: reset them, no longer open */
-        pthread_mutex_lock(&e->mu);
-        for (size_t i = 0; i < n; i++) abort_fd(hq[i].fd), uncount(find(e, hq[i].lid));
-        pthread_mutex_unlock(&e->mu);
-    }
-    if (n) free(hq);
-    return list;
-}
-
-static PyObject *Engine_stats(EngineObject *self, PyObject *args) {
-    long long s[NCOUNTS];
-    int lid;
-    struct listener *l;
-    if (!PyArg_ParseTuple(args, "i:stats", &lid) || !check_open(self) || !(l = locked(self->e, lid, 0))) return NULL;
-    for (int i = 0; i < NCOUNTS; i++) s[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&self->e->mu);
-    return Py_BuildValue("(LLLLL)", s[OPEN], s[TOTAL], s[BYTES_IN], s[BYTES_OUT], s[REFUSED]);
-}
-
-static PyObject *Engine_dropped(EngineObject *self, PyObject *args) {
-    int lid;
-    struct listener *l;
-    if (!PyArg_ParseTuple(args, "i:dropped", &lid) || !check_open(self) || !(l = locked(self->e, lid, 0))) return NULL;
-    uncount(l);
-    pthread_mutex_unlock(&self->e->mu);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Engine_set_limits(EngineObject *self, PyObject *args) {
-    struct cmd c = {.op = C_LIMITS, .sync = 1};
-    int lid;
-    if (!PyArg_ParseTuple(args, "iii:set_limits", &lid, &c.a, &c.b) || !check_open(self)) return NULL;
-    if (c.a < 0 || c.b < 0) return PyErr_Format(PyExc_ValueError, "limits must be >= 0");
-    if (command(self, lid, &c, 0) < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *Engine_unlisten(EngineObject *self, PyObject *args) {
-    struct cmd c = {.op = C_UNLISTEN, .sync = 1};
-    int lid;
-    if (!PyArg_ParseTuple(args, "i:unlisten", &lid) || !check_open(self)) return NULL;
-    if (command(self, lid, &c, 1) < 0) return NULL;
-    free(c.l); /* done: the engine no longer knows it */
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef Engine_methods[] = { /* documented in the module's docstring */
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "fileno() -> eventfd"},
-    {"listen", (PyCFunction)Engine_listen, METH_VARARGS, "listen(fd) -> lid"},
-    {"set_target", (PyCFunction)(void (*)(void))Engine_set_target, METH_VARARGS | METH_KEYWORDS,
-     "set_target(lid, family, host, port, netns_fd=-1)"},
-    {"clear_target", (PyCFunction)Engine_clear_target, METH_VARARGS, "clear_target(lid)"},
-    {"set_limits", (PyCFunction)Engine_set_limits, METH_VARARGS, "set_limits(lid, max_conns, idle_ms)"},
-    {"relay", (PyCFunction)Engine_relay, METH_VARARGS, "relay(lid, client_fd, tail_fd)"},
-    {"export", (PyCFunction)Engine_export, METH_VARARGS, "export(lid) -> (relayed, clients)"},
-    {"adopt", (PyCFunction)Engine_adopt, METH_VARARGS, "adopt(lid, client_fd, tail_fd, up, down)"},
-    {"add_stats", (PyCFunction)Engine_add_stats, METH_VARARGS, "add_stats(lid, total, bytes_in, bytes_out, refused)"},
-    {"handoffs", (PyCFunction)Engine_handoffs, METH_NOARGS, "handoffs() -> [(lid, client_fd, err)]"},
-    {"dropped", (PyCFunction)Engine_dropped, METH_VARARGS, "dropped(lid)"},
-    {"stats", (PyCFunction)Engine_stats, METH_VARARGS, "stats(lid) -> (open, total, bytes_in, bytes_out, refused)"},
-    {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS, "unlisten(lid)"},
-    {"close", (PyCFunction)Engine_close, METH_NOARGS, "close()"},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "wormholed._engine.Engine",
-    .tp_basicsize = sizeof(EngineObject),
-    .tp_dealloc = (destructor)Engine_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(): an epoll set and a thread that accept, connect and relay TCP connections.",
-    .tp_methods = Engine_methods,
-    .tp_new = Engine_new,
-};
-
-PyDoc_STRVAR(module_doc,
-"The per-connection TCP path in C: accept, connect, relay, close, on a thread of its own.\n"
-"\n"
-"eng = Engine()          an epoll set, two eventfds and a thread (that never holds the GIL)\n"
-"eng.fileno() -> int     an eventfd, readable while handoffs() has entries\n"
-"eng.listen(fd) -> lid   accept on this listening TCP socket (dup()ed, made non-blocking);\n"
-"                        until set_target, every accepted connection is handed off\n"
-"eng.set_target(lid, family, host, port, netns_fd=-1)\n"
-"                        connect each accepted client to host:port (a numeric AF_INET or\n"
-"                        AF_INET6 literal), the tail socket made in netns_fd (dup()ed; -1:\n"
-"                        the engine's namespace); in force when it returns\n"
-"eng.clear_target(lid)   hand every accepted connection off again\n"
-"eng.set_limits(lid, max_conns, idle_ms)  0: none. A client accepted while lid has max_conns\n"
-"                        open is reset at once and counted refused (not total); a relayed\n"
-"                        connection idle (no byte either way) for idle_ms is reset on both\n"
-"                        sides, at most SWEEP_MS late; in force when it returns\n"
-"eng.relay(lid, client_fd, tail_fd)  relay a connected pair (a client lid handed off); once it\n"
-"                        returns the engine owns both fds (detach() the sockets); after an\n"
-"                        exception Python still does\n"
-"eng.handoffs() -> [(lid, client_fd, err)]  drains the queue and resets fileno(); Python owns\n"
-"                        client_fd. err 0: no target; else the errno of the engine's connect\n"
-"                        (ECONNREFUSED, ETIMEDOUT after CONNECT_TIMEOUT_MS, ...)\n"
-"eng.dropped(lid)        Python closed a client lid handed off (instead of relay())\n"
-"eng.stats(lid) -> (open, total, bytes client->tail, bytes tail->client, refused)\n"
-"                        open: connecting, relayed, or handed off and not dropped()\n"
-"eng.export(lid) -> (relayed, clients)  lid's connections leave the engine, none closed, shut down\n"
-"                        or reset, no socket option changed: for a successor. lid stops accepting\n"
-"                        (the engine closes its dup: Python's listening socket is untouched) and\n"
-"                        refuses relay(), adopt() and export() since (ValueError); stats(),\n"
-"                        dropped() and unlisten() go on: open then counts only the clients handed\n"
-"                        off and not dropped() yet (handoffs not taken stay queued for Python).\n"
-"                        Python owns every fd returned. relayed: [(client_fd, tail_fd, up, down,\n"
-"                        last_ms_ago)], up client->tail, down tail->client, each half\n"
-"                        (pipe_r, pipe_w, pipe_pending, buffered, done): bytes read, not yet\n"
-"                        written, are `buffered` (bytes) first, then pipe_pending in the pipe\n"
-"                        (-1, -1: none; one is only exported holding bytes); done: EOF passed on,\n"
-"                        the destination shut for writing. clients: client fds whose tail connect\n"
-"                        was in progress (the tail closed: it never carried a byte)\n"
-"eng.adopt(lid, client_fd, tail_fd, up, down)  relay() of a pair with its halves as export()\n"
-"                        gives them: writes buffered, then the pipe's bytes, then reads on; a\n"
-"                        done half never reads again. Counted open and in total (a successor's\n"
-"                        add_stats() then adds its predecessor's total less what it adopts); the\n"
-"                        idle clock starts anew. The engine owns the sockets and pipes once it\n"
-"                        returns, Python does after an exception (the pipe's bytes unread)\n"
-"eng.add_stats(lid, total, bytes_in, bytes_out, refused)  add to lid's counters\n"
-"eng.unlisten(lid)       stop accepting, reset lid's connections and its handoffs not taken,\n"
-"                        forget lid (stats too); returns once done\n"
-"eng.close()             unlisten all, join the thread, close everything; idempotent\n"
-"\n"
-"Relaying is wormholed.proxy.tcp's: back-pressure, half-close passed on as shutdown(SHUT_WR),\n"
-"resets as resets. OSError for failed system calls, ValueError for an unknown lid or a closed\n"
-"engine.");
-
-static struct PyModuleDef engine_module = {
-    PyModuleDef_HEAD_INIT, "wormholed._engine", module_doc, -1, NULL, NULL, NULL, NULL, NULL,
-};
-
+/* An importable module, so that `import wormholed._engine` finds this file (and PyInstaller packs it). */
 PyMODINIT_FUNC PyInit__engine(void) {
-    if (PyType_Ready(&EngineType) < 0) return NULL;
-    PyObject *m = PyModule_Create(&engine_module);
-    if (!m) return NULL;
-    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
-        PyModule_AddIntConstant(m, "CONNECT_TIMEOUT_MS", CONNECT_MS) < 0)
-        Py_CLEAR(m);
-    return m;
+    static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "wormholed._engine",
+                                        "The native relay: its API is wormholed.engine (ctypes).", -1, NULL, NULL, NULL, NULL, NULL};
+    return PyModule_Create(&module);
 }

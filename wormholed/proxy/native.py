@@ -1,6 +1,7 @@
-"""The native TCP path: the asyncio shell around wormholed._engine.
+"""The native TCP path: the asyncio shell around the native engine.
 
-The engine (wormholed/_engine.c, a C extension built at install) accepts,
+The engine (wormholed/_engine.c, built at install; its API is
+wormholed.engine, through ctypes) accepts,
 connects and relays on a thread of its own, without the GIL: a connection
 costs no Python at all once its wormhole's tail is known. Python stays the
 control plane:
@@ -40,8 +41,8 @@ from wormhole.addr import literal_family
 from .tcp import Connect, Stats, _abort, check_limits, prepare_listener
 
 try:
-    from wormholed import _engine
-except ImportError as e:  # not built (an install without a C compiler)
+    from wormholed import engine as _engine
+except (ImportError, OSError) as e:  # not built (an install without a C compiler), or not loadable
     _engine = None
     IMPORT_ERROR = str(e)
 else:
