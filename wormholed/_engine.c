@@ -162,7 +162,6 @@ static int64_t now_ms(void) {
 }
 
 static void count(struct listener *l, int which, int64_t n) { __atomic_fetch_add(&l->n[which], n, __ATOMIC_RELAXED); }
-static void uncount(struct listener *l) { if (l) count(l, OPEN, -1); } /* a connection of l closed */
 
 static void abort_fd(int fd) { /* close with a reset */
     struct linger lg = {1, 0};
@@ -878,7 +877,7 @@ int we_counts(struct engine *e, int lid, int which, int64_t n[NCOUNTS]) {
     for (int i = 0; i < NCOUNTS; i++)
         if (which == 0) n[i] = __atomic_load_n(&l->n[i], __ATOMIC_RELAXED);
         else if (which > 0 && i != OPEN) count(l, i, n[i]);
-    if (which < 0) uncount(l);
+    if (which < 0) count(l, OPEN, -1);
     pthread_mutex_unlock(&e->mu);
     return 0;
 }
