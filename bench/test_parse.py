@@ -944,6 +944,35 @@ def test_side_by_side_ratios_and_the_quiet_median():
     assert [p.quiet for p in result.pairs] == [True, False, False]
     assert round(result.median_ratio(), 2) == 1.1 and round(result.median_ratio(quiet_only=True), 2) == 1.2
     text = sbs.table(result, 4)
-    assert "median ratio 1.10 over all 3 pairs; 1.20 over the 1 with both steals under 5%" in text
+    assert "wormhole: median ratio 1.10 over all 3 rounds; 1.20 over the 1 where its and haproxy's steal" in text
+    assert "floor" not in text
     assert sbs.to_json(result)["pairs"][1] == {"wormhole": {"rate": 9000, "steal": 40.0},
                                                "haproxy": {"rate": 18000, "steal": 10.0}}
+
+
+def test_side_by_side_with_the_floor_relay():
+    import sidebyside as sbs
+
+    def triple(w, h, f, fs):
+        return sbs.Pair({"wormhole": sbs.Run(w, 1.0), "haproxy": sbs.Run(h, 2.0), "floor": sbs.Run(f, fs)})
+
+    result = sbs.SideBySide([triple(30000, 25000, 26000, 1.0), triple(20000, 20000, 24000, 9.0),
+                             triple(22000, 20000, 21000, 3.0)])
+    assert [p.ratio_of("floor") for p in result.pairs] == [1.04, 1.2, 1.05]
+    assert [p.quiet_for("floor") for p in result.pairs] == [True, False, True]
+    assert result.median_ratio(name="floor") == 1.05
+    assert round(result.median_ratio(quiet_only=True, name="floor"), 3) == 1.045
+    text = sbs.table(result, 4)
+    assert "floor: median ratio 1.05 over all 3 rounds; 1.04 over the 2 where" in text  # 1.045 prints 1.04
+    [second] = [line for line in text.splitlines() if line.startswith("2 ")]
+    assert second.split()[-3:] == ["24000", "9.0", "1.20"]
+    doc = sbs.to_json(result)
+    assert doc["floor_median_ratio"] == 1.05 and doc["pairs"][0]["floor"] == {"rate": 26000, "steal": 1.0}
+
+
+def test_side_by_side_runs_every_order_of_its_rows():
+    import sidebyside as sbs
+
+    rows = ["wormhole", "haproxy", "floor"]
+    assert len({tuple(sbs.order_of(rows, i)) for i in range(6)}) == 6
+    assert [sbs.order_of(rows[:2], i) for i in range(4)] == [rows[:2], rows[1::-1], rows[1::-1], rows[:2]]
