@@ -1166,19 +1166,67 @@ class Targets:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # column note -> why it has no target
 
 
-def measure_row(row: Row, s: Setup, tmp: Path, targets: Targets, opts: Options,
-                log: Callable[[str], None]) -> None:
-    """Throughput, conn/s (with CPU), keep-alive, UDP and ping of one row, --repeat runs each."""
-    name, d = row.name, opts.duration
-    if targets.iperf is not None:
-        try:
-            with s.tcp(tmp, targets.iperf) as (port, pid):
-                log(f"{name}: iperf3 through port {port}")
-                # iperf3 -s serves one client at a time: let the connection the
-                # readiness probe opened through the proxy reach it and close.
-                time.sleep(SETTLE)
+def order_of(rows: list, i: int) -> list:
+    """Round i's order of the rows: rotated every other round and reversed on odd ones, so that
+    each row runs first and last as often (6 rounds run every order of 3 rows; of 2: A B, B A,
+    B A, A B)."""
+    k = i // 2 % len(rows) if rows else 0
+    order = rows[k:] + rows[:k]
+    return order[::-1] if i % 2 else order
 
-                def throughput() -> None:
+
+def interleaved(rows: list[Row], note: str, runs: int, once: dict[str, Callable[[], None]]) -> None:
+    """``runs`` rounds, each calling every row's ``once`` (it adds the row's samples) in
+    order_of(round): a run of one row is seconds from the same round's run of every other, so a
+    noisy minute (a VM's steal) weighs on all rows alike. Failures go in the row's note."""
+    names = [r.name for r in rows if r.name in once]
+    errors: dict[str, list[str]] = {n: [] for n in names}
+    for i in range(runs):
+        for name in order_of(names, i):
+            try:
+                once[name]()
+            except BenchError as exc:
+                errors[name].append(str(exc))
+    for row in rows:
+        if errors.get(row.name):
+            failed = f"{len(errors[row.name])} of {runs} runs failed: " if len(errors[row.name]) < runs else ""
+            row.notes.setdefault(note, failed + errors[row.name][0])
+
+
+@contextlib.contextmanager
+def proxies(rows: list[Row], setups: dict[str, Setup], kind: str, tmp: Path, target: int, notes: tuple[str, ...],
+            log: Callable[[str], None]) -> Iterator[dict[str, tuple[int, int | None]]]:
+    """Every row's proxy of that kind ("tcp", "udp") to target, all up for the block: name -> (port,
+    pid). A row whose proxy would not start is left out, with the reason in its notes."""
+    with contextlib.ExitStack() as stack:
+        up = {}
+        for row in rows:
+            make = getattr(setups[row.name], kind)
+            if make is None:
+                continue
+            try:
+                up[row.name] = stack.enter_context(make(tmp, target))
+            except BenchError as exc:
+                log(f"{row.name}: {exc}")
+                for note in notes:
+                    row.notes[note] = str(exc)
+        yield up
+
+
+def measure_rows(rows: list[Row], setups: dict[str, Setup], tmp: Path, targets: Targets, opts: Options,
+                 log: Callable[[str], None]) -> None:
+    """Throughput, conn/s (with CPU), keep-alive and UDP of every row, each measurement's --repeat
+    runs interleaved across the rows (every row's proxy up throughout), then each daemon's ping."""
+    d = opts.duration
+    if targets.iperf is not None:
+        with proxies(rows, setups, "tcp", tmp, targets.iperf, ("throughput",), log) as up:
+            log(f"throughput: iperf3 through {', '.join(up)}, {opts.repeat} rounds")
+            # iperf3 -s serves one client at a time: let the connections the readiness
+            # probes opened through the proxies reach it and close.
+            time.sleep(SETTLE)
+
+            def throughput(row: Row, port: int, pid: int | None) -> Callable[[], None]:
+                def once() -> None:
                     cpu = cpu_meter(pid)
                     try:
                         bps = measure_throughput(port, d)
@@ -1189,16 +1237,16 @@ def measure_row(row: Row, s: Setup, tmp: Path, targets: Targets, opts: Options,
                     used = cpu()
                     if used is not None and bps:
                         row.add("cpu_s_per_gb", used / (bps * d / 8 / 1e9))
-                repeat(row, "throughput", opts.repeat, throughput)
-        except BenchError as exc:
-            row.notes["throughput"] = str(exc)
+                return once
+            by = {r.name: r for r in rows}
+            interleaved(rows, "throughput", opts.repeat, {n: throughput(by[n], *pp) for n, pp in up.items()})
     if targets.nginx is not None:
-        try:
-            with s.tcp(tmp, targets.nginx) as (port, pid):
-                log(f"{name}: wrk (Connection: close, then keep-alive) through port {port}")
-                time.sleep(SETTLE)
+        with proxies(rows, setups, "tcp", tmp, targets.nginx, ("conn/s", "keep-alive"), log) as up:
+            log(f"conn/s, then keep-alive: wrk through {', '.join(up)}, {opts.repeat} rounds each")
+            time.sleep(SETTLE)
 
-                def conn_rate() -> None:
+            def conn_rate(row: Row, port: int, pid: int | None) -> Callable[[], None]:
+                def once() -> None:
                     cpu = cpu_meter(pid)
                     w = measure_conn_rate(port, d)
                     row.add("conn_per_s", w.requests_per_sec)
@@ -1208,38 +1256,43 @@ def measure_row(row: Row, s: Setup, tmp: Path, targets: Targets, opts: Options,
                     if w.socket_errors or w.non_2xx:
                         row.notes["conn/s"] = (f"{w.socket_errors} socket errors, "
                                                f"{w.non_2xx} non-2xx of {w.requests} requests")
+                return once
 
-                def keepalive() -> None:
+            def keepalive(row: Row, port: int, pid: int | None) -> Callable[[], None]:
+                def once() -> None:
                     w = measure_wrk(port, d, KEEPALIVE_CONNS, close=False)
                     row.add("keepalive_per_s", w.requests_per_sec)
                     if w.socket_errors or w.non_2xx:
                         row.notes["keep-alive"] = (f"{w.socket_errors} socket errors, "
                                                    f"{w.non_2xx} non-2xx of {w.requests} requests")
-                repeat(row, "conn/s", opts.repeat, conn_rate)
-                repeat(row, "keep-alive", opts.repeat, keepalive)
-        except BenchError as exc:
-            row.notes["conn/s"] = row.notes["keep-alive"] = str(exc)
-    if targets.udp is not None and s.udp is not None:
-        try:
-            with s.udp(tmp, targets.udp) as (port, pid):
-                log(f"{name}: UDP through port {port}")
+                return once
+            by = {r.name: r for r in rows}
+            interleaved(rows, "conn/s", opts.repeat, {n: conn_rate(by[n], *pp) for n, pp in up.items()})
+            interleaved(rows, "keep-alive", opts.repeat, {n: keepalive(by[n], *pp) for n, pp in up.items()})
+    if targets.udp is not None:
+        with proxies(rows, setups, "udp", tmp, targets.udp, ("UDP",), log) as up:
+            log(f"UDP through {', '.join(up)}, {opts.repeat} rounds")
 
-                def udp() -> None:
+            def udp(row: Row, port: int, pid: int | None) -> Callable[[], None]:
+                def once() -> None:
                     rate, client_cpu = measure_udp(port, opts.udp_seconds)
                     row.add("udp_per_s", rate)
                     row.add("udp_client_cpu", client_cpu)
-                repeat(row, "UDP", opts.repeat, udp)
-        except BenchError as exc:
-            row.notes["UDP"] = str(exc)
-    if s.daemon is not None and opts.ping_runs:
-        log(f"{name}: wormhole ping x{opts.ping_runs}")
-        try:
-            row.ping_ms = s.daemon.ping(opts.ping_runs)
-        except BenchError as exc:
-            row.notes["ping"] = str(exc)
-    for note, err in targets.errors.items():
-        row.notes[note] = err
-    row.settle()
+                return once
+            by = {r.name: r for r in rows}
+            interleaved(rows, "UDP", opts.repeat, {n: udp(by[n], *pp) for n, pp in up.items()})
+    for row in rows:
+        daemon = setups[row.name].daemon
+        if daemon is not None and opts.ping_runs:
+            log(f"{row.name}: wormhole ping x{opts.ping_runs}")
+            try:
+                row.ping_ms = daemon.ping(opts.ping_runs)
+            except BenchError as exc:
+                row.notes["ping"] = str(exc)
+    for row in rows:
+        for note, err in targets.errors.items():
+            row.notes[note] = err
+        row.settle()
 
 
 # -- idle connections ----------------------------------------------------------
@@ -1444,13 +1497,14 @@ def run(names: list[str], opts: Options,
                 # TIME_WAIT sockets whose freeing (60 s later) would blur the kernel's figures.
                 if t.idle is not None:
                     measure_idle(rows, tmp, t.idle, opts, log)
+                setups = {}  # every row's (a wormhole row: its daemon), up for all the measurements
                 for row in rows:
                     try:
-                        with setup(row.name, tmp) as s:  # a wormhole row's daemon lives for its row
-                            measure_row(row, s, tmp, t, opts, log)
+                        setups[row.name] = stack.enter_context(setup(row.name, tmp))
                     except BenchError as exc:
                         log(f"{row.name}: {exc}")
                         row.error = str(exc)
+                measure_rows([r for r in rows if r.name in setups], setups, tmp, t, opts, log)
         if TUNNEL in names:
             tunnel_rows, veth_mtu = tunnel.run_tunnel(opts.duration, log, tmp)
     finally:

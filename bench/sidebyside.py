@@ -1,12 +1,11 @@
-"""Keep-alive side by side: the wormhole row and HAProxy, run after run, alternating.
+"""Keep-alive side by side: the wormhole row and HAProxy, run after run, in turn.
 
-The main table measures a row's runs one after another, then the next row's. On a VM
-the share of CPU time the host takes from it (steal, in /proc/stat) moves from minute to
-minute, and through a proxy the keep-alive rate moves with it: here runs a minute apart
-gave the same relay 8,000 and 27,000 requests/s, with 38% and 3% steal. So this table
-alternates the two proxies (A B, B A, A B, ...) against the same nginx, both running
-throughout, and gives each pair's ratio with each run's steal: a pair's two runs are
-seconds apart. The median ratio is over every pair; the second is over the pairs
+On a VM the share of CPU time the host takes from it (steal, in /proc/stat) moves from
+minute to minute, and through a proxy the keep-alive rate moves with it: here runs a
+minute apart gave the same relay 8,000 and 27,000 requests/s, with 38% and 3% steal.
+The main table interleaves its rows' runs; this one adds each run's steal and each
+round's ratio: the proxies take turns (run.order_of) against the same nginx, all
+running throughout, and a round's runs are seconds apart. The median ratio is over every pair; the second is over the pairs
 whose runs both had steal under STEAL_QUIET, shown beside it, not instead of it.
 
 A third row, "floor", is bench/floor_relay.c (built here with gcc; left out without
@@ -93,12 +92,7 @@ class SideBySide:
         return any(FLOOR in p.runs for p in self.pairs)
 
 
-def order_of(rows: list[str], i: int) -> list[str]:
-    """Round i's order: rotated every other round, reversed on odd ones, so that 6 rounds run
-    every order of 3 rows (of 2: A B, B A, B A, A B, ...), each row first and last as often."""
-    k = i // 2 % len(rows)
-    order = rows[k:] + rows[:k]
-    return order[::-1] if i % 2 else order
+order_of = bench.order_of  # each round's order of the rows
 
 
 def build_floor(tmp: Path, log: Callable[[str], None]) -> Path | None:

@@ -976,3 +976,22 @@ def test_side_by_side_runs_every_order_of_its_rows():
     rows = ["wormhole", "haproxy", "floor"]
     assert len({tuple(sbs.order_of(rows, i)) for i in range(6)}) == 6
     assert [sbs.order_of(rows[:2], i) for i in range(4)] == [rows[:2], rows[1::-1], rows[1::-1], rows[:2]]
+
+
+def test_interleaved_runs_every_row_each_round_and_notes_failures():
+    calls = []
+    rows = [run.Row("a"), run.Row("b"), run.Row("c")]
+
+    def once(name, fail_at=()):
+        def call():
+            calls.append(name)
+            if len([c for c in calls if c == name]) in fail_at:
+                raise run.BenchError(f"{name} broke")
+        return call
+
+    run.interleaved(rows, "throughput", 4, {"a": once("a"), "b": once("b", fail_at=(2,)), "c": once("c", (1, 2, 3, 4))})
+    assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["c", "b", "a"]  # round 1 reversed
+    assert sorted(calls) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    assert "throughput" not in rows[0].notes
+    assert rows[1].notes["throughput"] == "1 of 4 runs failed: b broke"
+    assert rows[2].notes["throughput"] == "c broke"  # every run failed: the error alone
