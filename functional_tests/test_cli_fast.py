@@ -44,10 +44,16 @@ def test_bash_completes_ids_after_an_address_it_split(host):
     assert r.returncode == 0 and r.stderr == "" and r.stdout.split() == [ident], r
 
 
+def _ctrl_c_reaches_it() -> None:
+    """A job a shell starts in the background inherits SIGINT ignored, and Python leaves an
+    ignored SIGINT ignored: the CLI under test gets the default, as at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_list_watch_redraws_and_ctrl_c_exits_0(host):
     ident, _ = host.create("url", ":7111", "tail", "url", ":7112")
     proc = host.popen(WORMHOLE, "-H", host.sock, "list", "--watch", "--interval", "0.2",
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_it)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
