@@ -901,8 +901,8 @@ void we_release(void *p) { free(p); }
 struct xhalf { int pr, pw; uint32_t piped, nbuf; char *buf; int done; };
 struct xconn { int fd[2]; int64_t idle_ms; struct xhalf h[2]; }; /* fd[1] -1: a client alone */
 
-/* lid's connections, each in a block for we_release (and each half's buf for we_release), or an E_ code.
-   The caller owns every fd. */
+/* lid's connections into one block (*out), their number or a negative code. The caller owns every
+   fd and passes the block and each half's buf to we_release. */
 int we_export(struct engine *e, int lid, struct xconn **out) {
     struct cmd c = {.op = C_EXPORT, .sync = 1};
     int n = 0, err;
