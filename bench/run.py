@@ -1218,6 +1218,7 @@ def measure_rows(rows: list[Row], setups: dict[str, Setup], tmp: Path, targets: 
     """Throughput, conn/s (with CPU), keep-alive and UDP of every row, each measurement's --repeat
     runs interleaved across the rows (every row's proxy up throughout), then each daemon's ping."""
     d = opts.duration
+    by = {r.name: r for r in rows}
     if targets.iperf is not None:
         with proxies(rows, setups, "tcp", tmp, targets.iperf, ("throughput",), log) as up:
             log(f"throughput: iperf3 through {', '.join(up)}, {opts.repeat} rounds")
@@ -1238,7 +1239,6 @@ def measure_rows(rows: list[Row], setups: dict[str, Setup], tmp: Path, targets: 
                     if used is not None and bps:
                         row.add("cpu_s_per_gb", used / (bps * d / 8 / 1e9))
                 return once
-            by = {r.name: r for r in rows}
             interleaved(rows, "throughput", opts.repeat, {n: throughput(by[n], *pp) for n, pp in up.items()})
     if targets.nginx is not None:
         with proxies(rows, setups, "tcp", tmp, targets.nginx, ("conn/s", "keep-alive"), log) as up:
@@ -1266,7 +1266,6 @@ def measure_rows(rows: list[Row], setups: dict[str, Setup], tmp: Path, targets: 
                         row.notes["keep-alive"] = (f"{w.socket_errors} socket errors, "
                                                    f"{w.non_2xx} non-2xx of {w.requests} requests")
                 return once
-            by = {r.name: r for r in rows}
             interleaved(rows, "conn/s", opts.repeat, {n: conn_rate(by[n], *pp) for n, pp in up.items()})
             interleaved(rows, "keep-alive", opts.repeat, {n: keepalive(by[n], *pp) for n, pp in up.items()})
     if targets.udp is not None:
@@ -1279,7 +1278,6 @@ def measure_rows(rows: list[Row], setups: dict[str, Setup], tmp: Path, targets: 
                     row.add("udp_per_s", rate)
                     row.add("udp_client_cpu", client_cpu)
                 return once
-            by = {r.name: r for r in rows}
             interleaved(rows, "UDP", opts.repeat, {n: udp(by[n], *pp) for n, pp in up.items()})
     for row in rows:
         daemon = setups[row.name].daemon

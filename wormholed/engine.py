@@ -82,7 +82,6 @@ import errno
 import os
 import socket
 import sys
-import threading
 from ctypes import POINTER, Structure, byref, c_char_p, c_int, c_int64, c_uint32, c_void_p
 
 __all__ = ["CONNECT_TIMEOUT_MS", "Engine"]
@@ -168,7 +167,6 @@ class Engine:
         if not self._e:
             raise OSError(err.value, os.strerror(err.value))
         self._closed = False
-        self._lock = threading.Lock()  # close() against __del__
 
     def _handle(self) -> int:
         if self._closed:
@@ -277,11 +275,8 @@ class Engine:
         self._check(r, lid)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        _lib.we_close(self._e)
+        self._closed = True  # fileno() and every call refuse from now on
+        _lib.we_close(self._e)  # idempotent, and safe against a concurrent call (E_CLOSED)
 
     def __del__(self) -> None:
         e, self._e = getattr(self, "_e", None), None
