@@ -2,14 +2,22 @@
 
 import asyncio
 import errno
+import json
+import socket
 import ssl
+import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from wormhole import client, protocol
 from wormhole.addr import Address
 from wormhole.async_client import Client
 from wormhole.client import call_once, failure_reason
+from wormhole.keys import server_context
 from wormhole.protocol import Failed
+from wormhole.rpc import PARSE_ERROR, RpcError
 
 
 class _Writer:
@@ -34,20 +42,20 @@ class _SilentReader:
 
 
 def test_a_socket_timeout_without_a_call_timeout_is_a_message_not_a_type_error():
-    client = Client(Address.parse("127.0.0.1"), _TimingOutReader(), _Writer())
+    channel = Client(Address.parse("127.0.0.1"), _TimingOutReader(), _Writer())
     with pytest.raises(Failed, match="did not answer 'list' in time$"):
-        asyncio.run(client.call("list"))
+        asyncio.run(channel.call("list"))
 
 
 def test_a_call_timeout_is_named():
-    client = Client(Address.parse("127.0.0.1"), _SilentReader(), _Writer())
+    channel = Client(Address.parse("127.0.0.1"), _SilentReader(), _Writer())
     with pytest.raises(Failed, match=r"did not answer 'list' in time \(0.05 s\)"):
-        asyncio.run(client.call("list", timeout=0.05))
+        asyncio.run(channel.call("list", timeout=0.05))
 
 
 def test_the_channel_ends_are_known():
-    client = Client(Address.parse("127.0.0.1"), _SilentReader(), _Writer())
-    assert client.sockname == ("127.0.0.1", 40000) and client.peername == ("127.0.0.1", 9999)
+    channel = Client(Address.parse("127.0.0.1"), _SilentReader(), _Writer())
+    assert channel.sockname == ("127.0.0.1", 40000) and channel.peername == ("127.0.0.1", 9999)
 
 
 def test_failure_reasons_name_the_likely_cause():
@@ -63,18 +71,6 @@ def test_call_once_on_nothing_is_failed_naming_the_address(tmp_path):
 
 
 # --- the blocking client on the C modules: what it writes and reads, against protocol.py ---
-
-import json  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from wormhole import client, protocol  # noqa: E402
-from wormhole.keys import server_context  # noqa: E402
-from wormhole.rpc import PARSE_ERROR, RpcError  # noqa: E402
-
 
 @given(st.text(max_size=30), st.one_of(st.none(), st.just({}),
                                        st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8),
