@@ -46,7 +46,8 @@ from .record import TYPES, Tunnel
 
 log = logging.getLogger("wormholed")
 MONITOR_PERIOD = 10.0
-BUSY_TRIES = 20
+BUSY_WAIT = 40.0  # how long a follower asks again while the leader builds: longer than a build
+                 # (wireguard-go's 10 s start, peer calls of up to 5 s each) on a loaded host
 
 
 @dataclass(frozen=True)
@@ -214,14 +215,15 @@ class Tunnels:
         tunnel built."""
         kind = kind or self._s.default_type
         Peers.address(host)  # a bad address is refused before anything else
-        for attempt in range(BUSY_TRIES):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BUSY_WAIT
+        while True:
             try:
                 return await self._ensure(host, kind, udp, rekey)
             except Busy:
-                if attempt == BUSY_TRIES - 1:
+                if loop.time() >= deadline:
                     raise Failed(f"{host} kept building the same tunnel from its end; try again") from None
                 await asyncio.sleep(random.uniform(0.05, 0.3))
-        raise AssertionError("unreachable")
 
     async def _ensure(self, host: str, kind: str, udp: bool, rekey: bool) -> Tunnel:
         driver = await self._driver(kind)  # what this host cannot build, the peer never builds
