@@ -37,7 +37,7 @@ PY
 http_check() {
     python3 - "$1" "$2" <<'PY'
 import sys, urllib.request
-page = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=30).read().decode()
+page = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=60).read().decode()
 print("page:", page.strip())
 sys.exit(sys.argv[2] not in page)
 PY

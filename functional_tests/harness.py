@@ -180,6 +180,12 @@ class Namespace:
         argv = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
         return self.exec(*argv, "-c", str(count), "-W", str(int(wait)), ip, timeout=count * wait + 10)
 
+    def reaches(self, ip: str, within: float = 15 * SLOW) -> subprocess.CompletedProcess:
+        """`ping -c 1 -w WITHIN IP`: a ping a second until the first reply (it returns then),
+        for WITHIN seconds: room for a lost first WireGuard handshake, retried after 5 s."""
+        argv = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
+        return self.exec(*argv, "-c", "1", "-w", str(int(within)), ip, timeout=within + 10)
+
     def listening(self, port: int, host: str = "127.0.0.1") -> bool:
         try:
             self.connect(port, host, timeout=1).close()
@@ -369,6 +375,17 @@ class Host(Namespace):
 
     def wormhole(self, *args: str, host: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
         return self.exec(WORMHOLE, "-H", host or self.sock, *args, timeout=timeout)
+
+    def first_ping(self, host: str) -> subprocess.CompletedProcess:
+        """`wormhole ping` at a socket-activated daemon's address, again while it fails: the
+        first one starts the daemon, which under load can take longer than the CLI's 5 s
+        connect timeout. Stops when it answers, the activator exits, or after 60 s."""
+        deadline = time.monotonic() + 60 * SLOW
+        while (r := self.wormhole("ping", host=host)).returncode and time.monotonic() < deadline:
+            if self.daemon is not None and self.daemon.poll() is not None:
+                break
+            time.sleep(0.2)
+        return r
 
     def ok(self, *args: str) -> str:
         r = self.wormhole(*args)

@@ -128,7 +128,7 @@ def test_socket_activation_with_systemd_socket_activate(make_host):
     deadline = time.monotonic() + 10
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    r = h.wormhole("ping", host=f"unix://{path}")
+    r = h.first_ping(f"unix://{path}")
     assert r.returncode == 0, r.stderr + h.logs()
     while "socket(s) from systemd" not in h.logs() and time.monotonic() < deadline + 10:
         time.sleep(0.05)  # the control socket answers before the start-up is logged

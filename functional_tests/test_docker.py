@@ -13,9 +13,16 @@ import docker
 import pytest
 
 from harness import ROOT, recv_all, veth
-from test_wormholes import refused, roundtrip
+from test_wormholes import refused
+from test_wormholes import roundtrip as _roundtrip
 
 LABEL = "org.wormhole.daemon"
+
+
+def roundtrip(ns, port, data=b"hello wormhole"):
+    """Bytes there and back through a wormhole, with room for a trigger's container to start
+    and the dial retries after it (the harness's 10 s can be short on a loaded machine)."""
+    return _roundtrip(ns, port, data, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -382,7 +382,9 @@ def test_a_refused_or_broken_takeover_leaves_the_old_daemon_serving(host):
             "rec, fds = transfer.receive(s); print(len(fds))")
     r = host.exec(sys.executable, "-c", code, timeout=30)
     assert r.returncode == 0 and int(r.stdout) >= 3, r.stderr
-    time.sleep(0.5)
+    deadline = time.monotonic() + 15
+    while "did not take over" not in host.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert old.poll() is None and "did not take over" in host.logs()
     held.sendall(b"two")
     held.shutdown(socket.SHUT_WR)

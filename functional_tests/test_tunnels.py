@@ -88,7 +88,7 @@ def ifindex(h: Host) -> dict[str, int]:
 
 
 def assert_ping(h: Host, ip: str, why: str = "") -> None:
-    r = h.ping(ip)
+    r = h.reaches(ip)
     assert r.returncode == 0, f"ping {ip} from {h.name} {why}: {r.stdout}{r.stderr}\n{h.wg('show', 'all')}"
 
 

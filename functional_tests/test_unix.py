@@ -132,6 +132,6 @@ def test_unix_tail_that_is_not_there_yet_is_retried(host, tmp_path):
     path = str(tmp_path / "late.sock")
     host.create("url", ":8105", "tail", "url", f"unix://{path}")
     c = host.connect(8105)
-    time.sleep(0.5)  # the daemon retries for up to 5 s
+    time.sleep(0.3)  # the first dial fails; the daemon retries for up to 5 s
     unix_echo(host, path)
     echo_check(c, 1000)

@@ -87,7 +87,7 @@ def test_tail_dial_retried_while_service_starts(host):
     _, url = host.create("url", ":8004", "tail", "url", ":7004")
     with host.connect(8004) as s:
         s.sendall(b"early bytes")
-        time.sleep(1.0)
+        time.sleep(0.3)  # the first dial is refused; the daemon retries for up to 5 s
         host.echo_server(7004)
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == b"early bytes"

@@ -63,7 +63,7 @@ echo 'root:x:0:' >"$root/etc/group"
 cat >"$root/www/cgi-bin/index.cgi" <<'EOF'
 #!/bin/sh
 # The page needs its database: a line sent to 127.0.0.1:3306 must come back.
-reply=$(echo wordpress-ping | /bin/timeout 5 /bin/nc -w 2 127.0.0.1 3306 2>/dev/null)
+reply=$(echo wordpress-ping | /bin/timeout 25 /bin/nc -w 20 127.0.0.1 3306 2>/dev/null)
 if [ "$reply" = wordpress-ping ]; then
     printf 'Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nwordpress: database ok\n'
 else
