@@ -1144,19 +1144,6 @@ def cpu_meter(pid: int | None) -> Callable[[], float | None]:
     return used
 
 
-def repeat(row: Row, note: str, runs: int, once: Callable[[], None]) -> None:
-    """Call ``once`` RUNS times (it adds its samples to the row); failures go in the note."""
-    errors = []
-    for _ in range(runs):
-        try:
-            once()
-        except BenchError as exc:
-            errors.append(str(exc))
-    if errors:
-        failed = f"{len(errors)} of {runs} runs failed: " if len(errors) < runs else ""
-        row.notes.setdefault(note, failed + errors[0])
-
-
 @dataclasses.dataclass
 class Targets:
     iperf: int | None = None
@@ -1435,7 +1422,7 @@ def measure_idle(rows: list[Row], tmp: Path, target: IdleTarget, opts: Options,
         def once() -> None:
             log(f"{row.name}: {conns} idle connections")
             samples.append(idle_once(row.name, tmp, target, conns, log))
-        repeat(row, "idle", opts.repeat, once)
+        interleaved([row], "idle", opts.repeat, {row.name: once})  # one row: its runs in a row
         if not samples:
             continue
         row.idle_conns = conns

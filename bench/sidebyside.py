@@ -5,8 +5,9 @@ minute to minute, and through a proxy the keep-alive rate moves with it: here ru
 minute apart gave the same relay 8,000 and 27,000 requests/s, with 38% and 3% steal.
 The main table interleaves its rows' runs; this one adds each run's steal and each
 round's ratio: the proxies take turns (run.order_of) against the same nginx, all
-running throughout, and a round's runs are seconds apart. The median ratio is over every pair; the second is over the pairs
-whose runs both had steal under STEAL_QUIET, shown beside it, not instead of it.
+running throughout, and a round's runs are seconds apart. The median ratio is over
+every round; the second is over the rounds whose two runs (the row's and HAProxy's)
+both had steal under STEAL_QUIET, shown beside it, not instead of it.
 
 A third row, "floor", is bench/floor_relay.c (built here with gcc; left out without
 it): a relay that does nothing but read() and send() per message on one epoll
