@@ -28,13 +28,23 @@ def lookup(ctd, namespace, name, socket_path=None):
 
 def echo_in(netns_path: str, host: str, data: bytes) -> bytes:
     """Connect to host:80 from inside the namespace at netns_path (a socket made there as the
-    daemon makes them); send data, return the echo."""
-    with Netns(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC), "pod") as ns:
-        s = asyncio.run(make_socket(ns, socket.AF_INET, socket.SOCK_STREAM))
-    s.setblocking(True)
-    with s:
+    daemon makes them); send data, return the echo. The pod's server may not listen yet
+    (StartContainer returns before its nc binds): a refused connect is tried again for 15 s."""
+    deadline = time.monotonic() + 15
+    while True:
+        with Netns(os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC), "pod") as ns:
+            s = asyncio.run(make_socket(ns, socket.AF_INET, socket.SOCK_STREAM))
+        s.setblocking(True)
         s.settimeout(15)
-        s.connect((host, 80))
+        try:
+            s.connect((host, 80))
+            break
+        except ConnectionRefusedError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with s:
         sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
         sender.start()
         got = bytearray()

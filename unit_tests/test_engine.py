@@ -652,9 +652,10 @@ def test_max_conns_counts_handed_off_connections_until_dropped(eng):
 
 
 def test_idle_timeout_resets_idle_connections_and_spares_a_trickling_one(setup):
-    """idle_ms 1000: a pair relayed before set_limits and one after, both idle, are reset on both sides
-    and their engine fds closed; a pair moving a byte every 250 ms (either way) lives on."""
-    idle_ms, every = 1000, 0.25
+    """idle_ms 2000: a pair relayed before set_limits and one after, both idle, are reset on both sides
+    and their engine fds closed; a pair moving a byte every 250 ms (either way) lives on (1.75 s of
+    room for a stall of this test's own process, which sends the trickle)."""
+    idle_ms, every = 2000, 0.25
     trickle, before = setup.pair(), setup.pair()
     setup.eng.set_limits(setup.lid, 0, idle_ms)
     after = setup.pair()
