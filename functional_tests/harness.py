@@ -47,6 +47,10 @@ def _ns_inode(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _ping() -> list[str]:
+    return ["ping"] if shutil.which("ping") else ["busybox", "ping"]
+
+
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
@@ -177,14 +181,12 @@ class Namespace:
 
     def ping(self, ip: str, count: int = 3, wait: float = 2) -> subprocess.CompletedProcess:
         """`ping -c COUNT -W WAIT IP` here (busybox's when iputils' is not installed)."""
-        argv = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
-        return self.exec(*argv, "-c", str(count), "-W", str(int(wait)), ip, timeout=count * wait + 10)
+        return self.exec(*_ping(), "-c", str(count), "-W", str(int(wait)), ip, timeout=count * wait + 10)
 
     def reaches(self, ip: str, within: float = 15 * SLOW) -> subprocess.CompletedProcess:
         """`ping -c 1 -w WITHIN IP`: a ping a second until the first reply (it returns then),
         for WITHIN seconds: room for a lost first WireGuard handshake, retried after 5 s."""
-        argv = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
-        return self.exec(*argv, "-c", "1", "-w", str(int(within)), ip, timeout=within + 10)
+        return self.exec(*_ping(), "-c", "1", "-w", str(int(within)), ip, timeout=within + 10)
 
     def listening(self, port: int, host: str = "127.0.0.1") -> bool:
         try:
@@ -509,6 +511,14 @@ def capture(ns: Namespace, iface: str, path: str | Path | None = None, timeout: 
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll predicate every 50 ms until it holds; fail naming `what` after timeout (times SLOW) seconds."""
+    deadline = time.monotonic() + timeout * SLOW
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout * SLOW:.0f} s: {what}"
+        time.sleep(0.05)
 
 
 def recv_all(s: socket.socket) -> bytes:

@@ -2,26 +2,16 @@
 
 import os
 import socket
-import time
 
 import pytest
 
-from harness import recv_all, veth
+from harness import recv_all, veth, wait_for
 from test_wormholes import roundtrip
 
 
 def tails_of(host, ident):
     [row] = [r for r in host.list() if r["id"] == ident]
     return row["tails"]
-
-
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_round_robin_over_three_tails_one_killed_and_revived(host):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import WORMHOLED, recv_all, veth
+from harness import WORMHOLED, recv_all, veth, wait_for
 
 BIG = int(os.environ.get("WORMHOLE_HANDOVER_BYTES", str(1 << 30)))  # each way
 HANDOVERS = 5
@@ -382,10 +382,8 @@ def test_a_refused_or_broken_takeover_leaves_the_old_daemon_serving(host):
             "rec, fds = transfer.receive(s); print(len(fds))")
     r = host.exec(sys.executable, "-c", code, timeout=30)
     assert r.returncode == 0 and int(r.stdout) >= 3, r.stderr
-    deadline = time.monotonic() + 15
-    while "did not take over" not in host.logs() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert old.poll() is None and "did not take over" in host.logs()
+    wait_for(lambda: "did not take over" in host.logs(), 15, "the old daemon's refusal logged")
+    assert old.poll() is None
     held.sendall(b"two")
     held.shutdown(socket.SHUT_WR)
     assert recv_all(held) == b"one two"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import WORMHOLE, WORMHOLED, s_client
+from harness import WORMHOLE, WORMHOLED, s_client, wait_for
 from test_wormholes import port_of, roundtrip
 
 
@@ -175,12 +175,10 @@ def test_relative_unix_socket_paths(make_host):
     assert not (h.dir / "rel.sock").exists()
 
 
-def until(predicate, what: str, timeout: float = 30.0) -> None:
-    """Poll predicate until it holds; fail naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.05)
+def flows(host) -> int:
+    """UDP flows the host's only wormhole opened or refused so far."""
+    [row] = host.list()
+    return row["connections"] + row["refused"]
 
 
 def udp_clients(host, n: int):
@@ -210,7 +208,7 @@ def test_udp_flows_are_capped_counted_and_logged(host):
     try:
         for i, s in enumerate(clients):
             s.sendto(b"ping %d" % i, ("127.0.0.1", 7141))
-        until(lambda: (lambda r: r["connections"] + r["refused"])(host.list()[0]) == 5, "5 flows counted")
+        wait_for(lambda: flows(host) == 5, 30, "5 flows counted")
         [row] = host.list()
         assert (row["connections"], row["refused"]) == (3, 2)
         for i, s in enumerate(clients):
@@ -222,7 +220,7 @@ def test_udp_flows_are_capped_counted_and_logged(host):
             assert got == (b"ping %d" % i if i < 3 else None), i
         assert f"wormhole {ident}: UDP datagrams: 1 dropped: new flows refused, 3 (max-conns) are open" in host.logs()
         time.sleep(2)  # idle-timeout 2s: the three flows are closed...
-        until(lambda: host.list()[0]["connections"] == 0, "the idle flows closed", timeout=10)
+        wait_for(lambda: host.list()[0]["connections"] == 0, 10, "the idle flows closed")
         clients[4].settimeout(10)
         assert echoed(clients[4], 7141), "...and a new client gets a flow"
     finally:
@@ -242,8 +240,7 @@ def test_udp_flows_stop_at_the_fd_reserve_and_the_control_channel_still_answers(
         for sent in range(50, 251, 50):  # in batches the daemon has counted: none lost in a full buffer
             for s in clients[sent - 50:sent]:
                 s.sendto(b"ping", ("127.0.0.1", 7151))
-            until(lambda: (lambda r: r["connections"] + r["refused"])(host.list()[0]) == sent,
-                  f"{sent} flows opened or refused")
+            wait_for(lambda: flows(host) == sent, 30, f"{sent} flows opened or refused")
         [row] = host.list()
         waiting, answered, deadline = set(clients), 0, time.monotonic() + 30
         while answered < row["connections"] and time.monotonic() < deadline:
